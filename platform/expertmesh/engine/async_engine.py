@@ -1,0 +1,85 @@
+"""Streaming entry point for servers: the engine steps on its own thread, callers await tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+from expertmesh.engine.llm_engine import LLMEngine
+from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.sequence import RequestOutput
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error; no request can make progress."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="expertmesh-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield a RequestOutput each time the request gains text, the last one `finished`.
+
+        Leaving the iteration early (client gone, task cancelled) aborts the request and
+        frees its cache.
+        """
+        if self._error is not None:
+            raise EngineDeadError(f"engine loop failed: {self._error!r}")
+        queue: asyncio.Queue = asyncio.Queue()
+        request_id = request_id or self.engine.new_request_id()
+        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        try:
+            self.engine.add_request(prompt, params, request_id)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"engine loop failed: {item!r}") from item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.engine.abort_request(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort_request(request_id)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except BaseException as exc:  # report to every waiting caller, never hang them
+                self._error = exc
+                for loop, queue in list(self._streams.values()):
+                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                return
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    loop, queue = stream
+                    loop.call_soon_threadsafe(queue.put_nowait, out)

@@ -1,0 +1,28 @@
+"""Engine limits: batch size, step token budget, KV cache memory."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_num_seqs: int = Field(64, ge=1, description="sequences in the running batch, at most")
+    max_num_batched_tokens: int = Field(
+        1024, ge=16, description="tokens per step; longer prompts are prefilled in chunks"
+    )
+    max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
+    kv_cache_memory_bytes: int = Field(2 * 1024**3, ge=1024, description="KV cache budget")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
+    max_queued_requests: int = Field(4096, ge=1, description="waiting requests before new ones are refused")
+    seed: int = Field(0, description="seed for requests that bring none")
+
+    @model_validator(mode="after")
+    def _budget_covers_decodes(self) -> EngineConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode each step"
+            )
+        return self

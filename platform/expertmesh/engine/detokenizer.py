@@ -1,0 +1,50 @@
+"""Incremental detokenization and stop-string handling."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+
+from expertmesh.engine.sequence import Sequence
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def append_token(self, seq: Sequence) -> str:
+        """Extend `seq.text` with the newest token; returns the new characters.
+
+        Decodes only a short window (vLLM's prefix/read offsets) and holds back a
+        token that ends inside a multi-byte character until it completes.
+        """
+        ids, skip = seq.output_token_ids, seq.params.skip_special_tokens
+        before = self.decode(ids[seq.prefix_offset : seq.read_offset], skip)
+        after = self.decode(ids[seq.prefix_offset :], skip)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            new = after[len(before) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            seq.text += new
+            return new
+        return ""
+
+
+def find_stop(text: str, new_chars: int, stops: list[str]) -> tuple[int, str] | None:
+    """Earliest stop string that ends inside the last `new_chars` characters: (index, stop)."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        start = max(0, len(text) - new_chars - len(stop) + 1)
+        i = text.find(stop, start)
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, stop)
+    return best
+
+
+def stop_holdback(stops: list[str]) -> int:
+    """Characters to withhold from a stream: they may be the start of a stop string."""
+    return max((len(s) for s in stops), default=1) - 1

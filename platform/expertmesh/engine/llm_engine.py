@@ -1,0 +1,254 @@
+"""The engine loop: admit requests, run a step, sample, detokenize, report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from expertmesh.engine.config import EngineConfig
+from expertmesh.engine.detokenizer import Detokenizer, find_stop, stop_holdback
+from expertmesh.engine.kv_cache import BlockAllocator, KVCache
+from expertmesh.engine.model_runner import ModelRunner
+from expertmesh.engine.sampler import sample
+from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.scheduler import Scheduler
+from expertmesh.engine.sequence import CompletionOutput, RequestOutput, Sequence
+from expertmesh.errors import CheckpointError, InvalidRequestError
+from expertmesh.model.loader import load_config, load_model, resolve_dtype
+from expertmesh.model.transformer import CausalLM
+
+
+class QueueFullError(InvalidRequestError):
+    """The waiting queue is at `max_queued_requests`: try again later."""
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: tokenizer.json not found (pass skip_tokenizer_init=True to use token ids)"
+        )
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
+        raise CheckpointError(f"{path}: cannot load tokenizer ({exc})") from exc
+
+
+def stop_token_ids(directory: Path, model_eos: tuple[int, ...]) -> set[int]:
+    """EOS ids from generation_config.json when present (it may list several), else config.json."""
+    path = directory / "generation_config.json"
+    eos: set[int] = set(model_eos)
+    if path.is_file():
+        try:
+            value = json.loads(path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+        if value is not None:
+            eos = set(value) if isinstance(value, list) else {int(value)}
+    return eos
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer | None,
+        eos_token_ids: set[int],
+        config: EngineConfig | None = None,
+    ):
+        self.config = config or EngineConfig()
+        self.model = model
+        cfg = model.config
+        self.max_model_len = min(
+            self.config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+        )
+        dtype = model.embed_tokens.weight.dtype
+        num_blocks = KVCache.blocks_in_budget(
+            cfg,
+            dtype,
+            self.config.kv_cache_memory_bytes,
+            self.config.block_size,
+            self.config.max_num_seqs * self.max_model_len,
+        )
+        self.cache = KVCache(cfg, num_blocks, self.config.block_size, dtype)
+        self.allocator = BlockAllocator(num_blocks)
+        self.scheduler = Scheduler(self.config, self.allocator, self.max_model_len)
+        self.runner = ModelRunner(model, self.cache)
+        self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.eos_token_ids = eos_token_ids
+        self._requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._seed_source = torch.Generator().manual_seed(self.config.seed)
+        self.lock = threading.RLock()  # step() and abort() from different threads
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        dtype: str = "auto",
+        config: EngineConfig | None = None,
+        skip_tokenizer_init: bool = False,
+        progress=None,
+    ) -> LLMEngine:
+        path = Path(path)
+        cfg = load_config(path)
+        resolve_dtype(dtype, cfg)  # fail on a bad dtype before reading any weights
+        tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
+        model = load_model(path, dtype, progress=progress)
+        return cls(model, tokenizer, stop_token_ids(path, cfg.eos_token_ids), config)
+
+    # ---- requests -------------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.detokenizer is None:
+                raise InvalidRequestError("this engine has no tokenizer: pass prompts as token ids")
+            return prompt, self.detokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty: it must have at least one token")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens but max_model_len is {self.max_model_len}; "
+                "shorten the prompt (room must remain for at least one new token)"
+            )
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        probe = Sequence("", None, prompt_token_ids, params, None)
+        need = self.scheduler.blocks_needed(probe)
+        if need > self.allocator.num_blocks:
+            raise InvalidRequestError(
+                f"request needs {need} KV cache blocks ({n} prompt tokens + max_tokens={params.max_tokens}) "
+                f"but the whole cache has {self.allocator.num_blocks}; lower max_tokens or raise "
+                "kv_cache_memory_bytes"
+            )
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        params = params or SamplingParams()
+        text, ids = self.tokenize(prompt)
+        self.validate(ids, params)
+        if params.stop and self.detokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this engine has none")
+        request_id = request_id or self.new_request_id()
+        generator = None
+        if not params.greedy:
+            seed = params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+            generator = torch.Generator().manual_seed(seed)
+        with self.lock:
+            if request_id in self._requests:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            if len(self.scheduler.waiting) >= self.config.max_queued_requests:
+                raise QueueFullError(
+                    f"{len(self.scheduler.waiting)} requests are already waiting "
+                    f"(max_queued_requests={self.config.max_queued_requests}); retry later"
+                )
+            seq = Sequence(request_id, text, ids, params, generator)
+            self._requests[request_id] = seq
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its KV cache blocks. False if it was not running."""
+        with self.lock:
+            seq = self._requests.pop(request_id, None)
+            if seq is None:
+                return False
+            self.scheduler.finish(seq, "abort")
+            return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # ---- the step -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass; report every request that gained text or finished."""
+        with self.lock:
+            plan = self.scheduler.schedule()
+            if plan.empty:
+                return []
+            result = self.runner.execute(plan)
+            outputs = []
+            if result.sampled:
+                tokens = sample(
+                    result.logits, [s.params for s in result.sampled], [s.generator for s in result.sampled]
+                )
+                now = time.monotonic()
+                for seq, token in zip(result.sampled, tokens, strict=True):
+                    self._append(seq, token, now)
+                    outputs.append(self._report(seq))
+            return outputs
+
+    def _append(self, seq: Sequence, token: int, now: float) -> None:
+        seq.output_token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        params = seq.params
+        if self.detokenizer is not None:
+            new = self.detokenizer.append_token(seq)
+            hit = find_stop(seq.text, len(new), params.stop) if params.stop and new else None
+            if hit is not None:
+                index, stop = hit
+                seq.text = (
+                    seq.text[: index + len(stop)] if params.include_stop_str_in_output else seq.text[:index]
+                )
+                seq.stop_reason = stop
+                self.scheduler.finish(seq, "stop")
+                return
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            seq.stop_reason = None if token in self.eos_token_ids else token
+            self.scheduler.finish(seq, "stop")
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _report(self, seq: Sequence) -> RequestOutput:
+        finished = seq.finished
+        if finished:
+            self._requests.pop(seq.request_id, None)
+        # While a stop string could still be forming, hold back its possible prefix.
+        hold = 0 if finished or not seq.params.stop else stop_holdback(seq.params.stop)
+        visible = max(seq.emitted_chars, len(seq.text) - hold)
+        delta_text = seq.text[seq.emitted_chars : visible]
+        delta_ids = seq.output_token_ids[seq.emitted_tokens :]
+        seq.emitted_chars, seq.emitted_tokens = visible, len(seq.output_token_ids)
+        completion = CompletionOutput(
+            index=0,
+            text=seq.text[:visible],
+            token_ids=list(seq.output_token_ids),
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+        )
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[completion],
+            finished=finished,
+            arrival_time=seq.arrival_time,
+            first_token_time=seq.first_token_time,
+            finished_time=time.monotonic() if finished else None,
+        )

@@ -1,0 +1,95 @@
+"""Turns a step plan into one flat forward pass and returns the logits to sample from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from expertmesh.engine.kv_cache import KVCache
+from expertmesh.engine.scheduler import StepPlan
+from expertmesh.engine.sequence import Sequence
+from expertmesh.model.attention import ForwardBatch, PrefillSpan
+from expertmesh.model.transformer import CausalLM
+
+
+@dataclass
+class StepResult:
+    sampled: list[Sequence]  # sequences that produce a token this step, in logits row order
+    logits: torch.Tensor  # [len(sampled), V] fp32
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.block_size = cache.block_size
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """Flat cache slots of positions [start, end) of `seq`."""
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(seq.blocks)[positions // self.block_size]
+        return blocks * self.block_size + positions % self.block_size
+
+    def build(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardBatch, list[Sequence], list[int]]:
+        token_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slot_parts: list[torch.Tensor] = []
+        sampled: list[Sequence] = []
+        sample_rows: list[int] = []
+
+        decodes = plan.decodes
+        decode_slots = decode_mask = None
+        if decodes:
+            lengths = torch.tensor([s.num_computed_tokens + 1 for s in decodes])
+            width = int(lengths.max())
+            table = torch.zeros(len(decodes), -(-width // self.block_size), dtype=torch.long)
+            for row, seq in enumerate(decodes):
+                table[row, : len(seq.blocks)] = torch.tensor(seq.blocks[: table.shape[1]])
+                token_ids.append(seq.token_at(seq.num_computed_tokens))
+            offsets = torch.arange(self.block_size)
+            decode_slots = (table.unsqueeze(-1) * self.block_size + offsets).flatten(1)[:, :width]
+            decode_mask = (torch.arange(width) < lengths.unsqueeze(1)).view(len(decodes), 1, 1, width)
+            last = lengths - 1
+            positions.append(last)
+            slot_parts.append(decode_slots[torch.arange(len(decodes)), last])
+            sampled.extend(decodes)
+            sample_rows.extend(range(len(decodes)))
+
+        spans = []
+        row = len(decodes)
+        for seq, n in plan.prefills:
+            start = seq.num_computed_tokens
+            token_ids.extend(seq.prompt_token_ids[start : start + n])
+            positions.append(torch.arange(start, start + n))
+            slot_parts.append(self._slots(seq, start, start + n))
+            span = PrefillSpan(row, row + n, cached=start)
+            if start:
+                span.context_slots = self._slots(seq, 0, start + n)
+                keys = torch.arange(start + n)
+                queries = torch.arange(start, start + n)
+                span.mask = (keys.unsqueeze(0) <= queries.unsqueeze(1)).view(1, 1, n, start + n)
+            spans.append(span)
+            row += n
+            if start + n == len(seq.prompt_token_ids):  # prompt complete: its last row yields a token
+                sampled.append(seq)
+                sample_rows.append(row - 1)
+
+        batch = ForwardBatch(
+            positions=torch.cat(positions),
+            slot_mapping=torch.cat(slot_parts),
+            num_decode=len(decodes),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=spans,
+        )
+        return torch.tensor(token_ids), batch, sampled, sample_rows
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        input_ids, batch, sampled, rows = self.build(plan)
+        hidden = self.model(input_ids, batch, self.cache.layers)
+        for seq, n in plan.prefills:
+            seq.num_computed_tokens += n
+        for seq in plan.decodes:
+            seq.num_computed_tokens += 1
+        logits = self.model.logits(hidden[rows]) if rows else hidden.new_zeros(0, 0)
+        return StepResult(sampled, logits)

@@ -1,0 +1,34 @@
+"""Next-token choice: greedy in one batched argmax, the rest row by row with each request's own RNG."""
+
+from __future__ import annotations
+
+import torch
+
+from expertmesh.engine.sampling_params import SamplingParams
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """logits [B, V] (fp32) -> one token id per row."""
+    chosen = torch.argmax(logits, dim=-1).tolist()
+    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if not p.greedy:
+            chosen[row] = sample_row(logits[row], p, gen)
+    return chosen
+
+
+def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    logits = logits / p.temperature
+    if p.top_k > 0 or p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        if 0 < p.top_k < sorted_logits.numel():
+            sorted_logits[p.top_k :] = float("-inf")
+        if p.top_p < 1.0:
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # drop a token when the tokens ranked above it already reach top_p
+            beyond = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+            sorted_logits[beyond] = float("-inf")
+        pick = torch.multinomial(torch.softmax(sorted_logits, dim=-1), 1, generator=generator)
+        return int(order[pick])
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))

@@ -1,0 +1,1 @@
+"""The model family: config, layers, routing, experts, loader."""

@@ -1,0 +1,131 @@
+"""Grouped-query attention over a flat batch of tokens and a paged KV cache.
+
+A step's tokens are laid out flat: first one token for each decoding sequence,
+then each prefill chunk in turn. `ForwardBatch` (built by the engine's model
+runner, shared by every layer) says where each token's K/V is stored and which
+cache slots each sequence attends to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.model.layers import RMSNorm, apply_rotary
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's prompt chunk: batch rows [start, end), `cached` tokens already in the cache."""
+
+    start: int
+    end: int
+    cached: int = 0
+    context_slots: torch.Tensor | None = None  # cache slots of positions [0, cached + len), when cached > 0
+    mask: torch.Tensor | None = None  # [1, 1, len, cached + len] causal mask, when cached > 0
+
+
+@dataclass
+class ForwardBatch:
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor | None = None  # [T] flat cache slot of each token; None: no cache
+    num_decode: int = 0
+    decode_slots: torch.Tensor | None = None  # [num_decode, L] context slots, padded
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, L] True where attended
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+class LayerKVCache:
+    """One layer's K and V, stored as flat slots (block * block_size + offset)."""
+
+    def __init__(self, num_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+        self.k = torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype)
+        self.v = torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype)
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k.index_copy_(0, slots, k)
+        self.v.index_copy_(0, slots, v)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm_eps: float | None,
+    ):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+        cache: LayerKVCache | None,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            cache.write(batch.slot_mapping, k, v)
+
+        out = torch.empty_like(q)
+        if batch.num_decode:
+            out[: batch.num_decode] = self._decode(q[: batch.num_decode], batch, cache)
+        for span in batch.prefills:
+            out[span.start : span.end] = self._prefill(q, k, v, span, cache)
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+    def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: LayerKVCache) -> torch.Tensor:
+        # One query per sequence: fold the query heads that share a KV head into the
+        # "query length" axis, so no K/V head is ever repeated in memory.
+        n = q.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        keys = cache.k[batch.decode_slots].transpose(1, 2)  # [n, kv_heads, L, d]
+        values = cache.v[batch.decode_slots].transpose(1, 2)
+        queries = q.view(n, self.num_kv_heads, group, self.head_dim)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=batch.decode_mask, scale=self.scale
+        )
+        return out.reshape(n, self.num_heads, self.head_dim)
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        span: PrefillSpan,
+        cache: LayerKVCache | None,
+    ) -> torch.Tensor:
+        queries = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, heads, len, d]
+        if span.cached == 0:
+            keys = k[span.start : span.end].transpose(0, 1).unsqueeze(0)
+            values = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
+            mask, causal = None, True
+        else:
+            keys = cache.k[span.context_slots].transpose(0, 1).unsqueeze(0)
+            values = cache.v[span.context_slots].transpose(0, 1).unsqueeze(0)
+            mask, causal = span.mask, False
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
+        )
+        return out.squeeze(0).transpose(0, 1)

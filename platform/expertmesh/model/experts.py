@@ -1,0 +1,154 @@
+"""Expert computation behind a backend boundary.
+
+A sparse layer routes each token to k experts, then hands the backend one
+`ExpertBatch`: the token rows sorted by expert (each expert's rows contiguous),
+their routing weights, and how many rows each expert got. The backend returns the
+weighted expert outputs in the same row order. Groups are contiguous ranges of
+experts, so a group's share of the batch is a slice (`ExpertBatch.for_group`):
+the colocated backend runs the whole layer at once in this process, a remote
+backend sends each group's slice to that group's replica pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from expertmesh.model.layers import silu_and_mul
+
+
+@dataclass(frozen=True)
+class ExpertPartition:
+    """Experts split into `num_groups` equal contiguous groups (MoGE groups, or pools for top-k)."""
+
+    num_experts: int
+    num_groups: int
+
+    def __post_init__(self) -> None:
+        if self.num_groups < 1 or self.num_experts % self.num_groups:
+            raise ValueError(
+                f"expert groups ({self.num_groups}) must divide num_experts ({self.num_experts})"
+            )
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.num_experts // self.num_groups
+
+    def experts_of(self, group: int) -> range:
+        size = self.experts_per_group
+        return range(group * size, (group + 1) * size)
+
+
+@dataclass
+class ExpertBatch:
+    hidden: torch.Tensor  # [n, H] token rows, sorted by expert
+    weights: torch.Tensor  # [n] routing weight of each row
+    counts: list[int]  # rows per expert, for the experts this batch covers
+
+    @property
+    def num_rows(self) -> int:
+        return self.hidden.shape[0]
+
+    def for_group(self, partition: ExpertPartition, group: int) -> ExpertBatch:
+        experts = partition.experts_of(group)
+        start = sum(self.counts[: experts.start])
+        stop = start + sum(self.counts[experts.start : experts.stop])
+        return ExpertBatch(
+            self.hidden[start:stop], self.weights[start:stop], self.counts[experts.start : experts.stop]
+        )
+
+
+def plan_dispatch(
+    hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int
+) -> tuple[ExpertBatch, torch.Tensor]:
+    """Sort the (token, expert) assignments by expert.
+
+    Returns the batch and, for each of its rows, the token it came from, so the
+    caller can `index_add_` the expert outputs back.
+    """
+    flat_ids = expert_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_index = order // expert_ids.shape[1]
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    batch = ExpertBatch(hidden[token_index], weights.reshape(-1)[order], counts)
+    return batch, token_index
+
+
+@dataclass
+class ExpertWeights:
+    """Stacked SwiGLU weights of consecutive experts, input-major for `x @ W`."""
+
+    gate_up: torch.Tensor  # [E, H, 2I]: gate then up
+    down: torch.Tensor  # [E, I, H]
+
+    def for_group(self, partition: ExpertPartition, group: int) -> ExpertWeights:
+        experts = partition.experts_of(group)
+        return ExpertWeights(
+            self.gate_up[experts.start : experts.stop], self.down[experts.start : experts.stop]
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+# Above this many rows per expert the padded batched matmul wastes real compute,
+# and the per-expert loop's call overhead is small next to each matmul.
+_BATCHED_MAX_ROWS_PER_EXPERT = 48
+
+
+def apply_experts(weights: ExpertWeights, batch: ExpertBatch) -> torch.Tensor:
+    """Weighted SwiGLU expert outputs for `batch`, rows in batch order."""
+    hidden = batch.hidden
+    if batch.num_rows == 0:
+        return hidden.new_zeros(0, weights.down.shape[-1])
+    active = sum(1 for c in batch.counts if c)
+    widest = max(batch.counts)
+    if 4 * active >= 3 * len(batch.counts) and widest <= _BATCHED_MAX_ROWS_PER_EXPERT:
+        out = _apply_batched(weights, batch, widest)
+    else:
+        out = _apply_looped(weights, batch)
+    return out.mul_(batch.weights.unsqueeze(1).to(out.dtype))
+
+
+def _apply_looped(weights: ExpertWeights, batch: ExpertBatch) -> torch.Tensor:
+    out = batch.hidden.new_empty(batch.num_rows, weights.down.shape[-1])
+    start = 0
+    for expert, count in enumerate(batch.counts):
+        if count:
+            rows = slice(start, start + count)
+            act = silu_and_mul(torch.mm(batch.hidden[rows], weights.gate_up[expert]))
+            torch.mm(act, weights.down[expert], out=out[rows])
+            start += count
+    return out
+
+
+def _apply_batched(weights: ExpertWeights, batch: ExpertBatch, widest: int) -> torch.Tensor:
+    # Pad every expert to the same row count and run two batched matmuls for all of them.
+    num_experts = len(batch.counts)
+    counts = torch.tensor(batch.counts)
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(batch.num_rows) - starts[expert_of_row]
+    padded = batch.hidden.new_zeros(num_experts, widest, batch.hidden.shape[1])
+    padded[expert_of_row, slot] = batch.hidden
+    act = silu_and_mul(torch.bmm(padded, weights.gate_up))
+    return torch.bmm(act, weights.down)[expert_of_row, slot]
+
+
+class ExpertBackend(Protocol):
+    """Runs layer `layer`'s experts on a batch; returns [n, H] weighted outputs in row order."""
+
+    def run(self, layer: int, batch: ExpertBatch) -> torch.Tensor: ...
+
+
+class ColocatedExpertBackend:
+    """Every expert of every layer in this process: the whole layer in one call."""
+
+    def __init__(self, layers: dict[int, ExpertWeights]):
+        self.layers = layers
+
+    def run(self, layer: int, batch: ExpertBatch) -> torch.Tensor:
+        return apply_experts(self.layers[layer], batch)
