@@ -1,5 +1,7 @@
 """Errors a user can act on: each message names the file, key or field at fault."""
 
+from pydantic import ValidationError
+
 
 class ExpertMeshError(Exception):
     """Base class for errors the runtime raises on purpose."""
@@ -11,3 +13,14 @@ class CheckpointError(ExpertMeshError):
 
 class InvalidRequestError(ExpertMeshError, ValueError):
     """A request the engine will never serve as given (prompt too long, bad sampling values)."""
+
+
+def describe_validation_error(exc: ValidationError, what: str) -> str:
+    """One clause per bad field: `invalid sampling parameter 'top_p': Input should be ... (got 2.0)`."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "value"
+        msg = err["msg"].removeprefix("Value error, ")
+        shown = err["type"] != "missing" and not isinstance(err["input"], dict)
+        parts.append(f"invalid {what} {field!r}: {msg}" + (f" (got {err['input']!r})" if shown else ""))
+    return "; ".join(parts)

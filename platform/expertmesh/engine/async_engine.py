@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
+from expertmesh.errors import InvalidRequestError
+
+_ABORTED = object()  # put on a stream's queue by abort(): the stream ends
 
 
 class EngineDeadError(RuntimeError):
@@ -35,8 +38,12 @@ class AsyncLLMEngine:
         """
         if self._error is not None:
             raise EngineDeadError(f"engine loop failed: {self._error!r}")
+        if self._stopping:
+            raise EngineDeadError("the engine is shut down")
         queue: asyncio.Queue = asyncio.Queue()
         request_id = request_id or self.engine.new_request_id()
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         try:
             self.engine.add_request(prompt, params, request_id)
@@ -48,6 +55,9 @@ class AsyncLLMEngine:
         try:
             while not finished:
                 item = await queue.get()
+                if item is _ABORTED:
+                    finished = True  # already aborted: nothing left to free
+                    break
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"engine loop failed: {item!r}") from item
                 finished = item.finished
@@ -58,12 +68,23 @@ class AsyncLLMEngine:
                 self.engine.abort_request(request_id)
 
     def abort(self, request_id: str) -> bool:
-        return self.engine.abort_request(request_id)
+        aborted = self.engine.abort_request(request_id)
+        self._send(request_id, _ABORTED)
+        return aborted
 
     def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
+        dead = EngineDeadError("the engine is shut down")
+        for request_id in list(self._streams):
+            self._send(request_id, dead)
+
+    def _send(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -75,11 +96,8 @@ class AsyncLLMEngine:
                 outputs = self.engine.step()
             except BaseException as exc:  # report to every waiting caller, never hang them
                 self._error = exc
-                for loop, queue in list(self._streams.values()):
-                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                for request_id in list(self._streams):
+                    self._send(request_id, exc)
                 return
             for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    loop, queue = stream
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                self._send(out.request_id, out)

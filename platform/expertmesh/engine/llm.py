@@ -64,6 +64,7 @@ class LLM:
         # Check every request before starting any, so a bad one fails the call up front.
         for prompt, p in zip(prompts, params, strict=True):
             self.engine.validate(self.engine.tokenize(prompt)[1], p)
+        self.engine.check_queue_room(len(prompts))
         return [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
 
     def generate(

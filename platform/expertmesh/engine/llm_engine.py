@@ -6,6 +6,7 @@ import itertools
 import json
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,15 @@ from expertmesh.engine.sequence import CompletionOutput, RequestOutput, Sequence
 from expertmesh.errors import CheckpointError, InvalidRequestError
 from expertmesh.model.loader import load_config, load_model, resolve_dtype
 from expertmesh.model.transformer import CausalLM
+
+
+@dataclass
+class StepStats:
+    """What the latest step did: for metrics and benchmarks."""
+
+    decode_seqs: int = 0
+    prefill_tokens: int = 0
+    seconds: float = 0.0
 
 
 class QueueFullError(InvalidRequestError):
@@ -86,6 +96,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seed_source = torch.Generator().manual_seed(self.config.seed)
         self.lock = threading.RLock()  # step() and abort() from different threads
+        self.last_step = StepStats()
 
     @classmethod
     def from_checkpoint(
@@ -124,6 +135,8 @@ class LLMEngine:
                 f"prompt has {n} tokens but max_model_len is {self.max_model_len}; "
                 "shorten the prompt (room must remain for at least one new token)"
             )
+        if params.stop and self.detokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this engine has none")
         vocab = self.model.config.vocab_size
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
@@ -143,8 +156,6 @@ class LLMEngine:
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
         self.validate(ids, params)
-        if params.stop and self.detokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this engine has none")
         request_id = request_id or self.new_request_id()
         generator = None
         if not params.greedy:
@@ -155,15 +166,19 @@ class LLMEngine:
         with self.lock:
             if request_id in self._requests:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
-            if len(self.scheduler.waiting) >= self.config.max_queued_requests:
-                raise QueueFullError(
-                    f"{len(self.scheduler.waiting)} requests are already waiting "
-                    f"(max_queued_requests={self.config.max_queued_requests}); retry later"
-                )
+            self.check_queue_room(1)
             seq = Sequence(request_id, text, ids, params, generator)
             self._requests[request_id] = seq
             self.scheduler.add(seq)
         return request_id
+
+    def check_queue_room(self, n: int) -> None:
+        waiting = len(self.scheduler.waiting)
+        if waiting + n > self.config.max_queued_requests:
+            raise QueueFullError(
+                f"{waiting} requests are already waiting and {n} more would exceed "
+                f"max_queued_requests={self.config.max_queued_requests}; retry later"
+            )
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its KV cache blocks. False if it was not running."""
@@ -189,6 +204,7 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             if plan.empty:
                 return []
+            started = time.perf_counter()
             result = self.runner.execute(plan)
             outputs = []
             if result.sampled:
@@ -199,6 +215,9 @@ class LLMEngine:
                 for seq, token in zip(result.sampled, tokens, strict=True):
                     self._append(seq, token, now)
                     outputs.append(self._report(seq))
+            self.last_step = StepStats(
+                len(plan.decodes), plan.num_tokens - len(plan.decodes), time.perf_counter() - started
+            )
             return outputs
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from expertmesh.errors import InvalidRequestError
+from expertmesh.errors import InvalidRequestError, describe_validation_error
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -47,18 +47,3 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-def describe_validation_error(exc: ValidationError, what: str) -> str:
-    """One line per bad field: `invalid sampling parameter 'top_p': Input should be ... (got 2.0)`."""
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "request"
-        msg = err["msg"].removeprefix("Value error, ")
-        got = (
-            f" (got {err['input']!r})"
-            if err["type"] != "missing" and not isinstance(err["input"], dict)
-            else ""
-        )
-        parts.append(f"invalid {what} {field!r}: {msg}{got}")
-    return "; ".join(parts)

