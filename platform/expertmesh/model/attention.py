@@ -49,6 +49,11 @@ class LayerKVCache:
         self.k.index_copy_(0, slots, k)
         self.v.index_copy_(0, slots, v)
 
+    @staticmethod
+    def gather(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """store[slots] for any shape of `slots` (index_select is ~3x faster than fancy indexing)."""
+        return store.index_select(0, slots.reshape(-1)).view(*slots.shape, *store.shape[1:])
+
 
 class Attention(nn.Module):
     def __init__(
@@ -100,8 +105,8 @@ class Attention(nn.Module):
         # "query length" axis, so no K/V head is ever repeated in memory.
         n = q.shape[0]
         group = self.num_heads // self.num_kv_heads
-        keys = cache.k[batch.decode_slots].transpose(1, 2)  # [n, kv_heads, L, d]
-        values = cache.v[batch.decode_slots].transpose(1, 2)
+        keys = cache.gather(cache.k, batch.decode_slots).transpose(1, 2)  # [n, kv_heads, L, d]
+        values = cache.gather(cache.v, batch.decode_slots).transpose(1, 2)
         queries = q.view(n, self.num_kv_heads, group, self.head_dim)
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=batch.decode_mask, scale=self.scale
@@ -122,8 +127,8 @@ class Attention(nn.Module):
             values = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
             mask, causal = None, True
         else:
-            keys = cache.k[span.context_slots].transpose(0, 1).unsqueeze(0)
-            values = cache.v[span.context_slots].transpose(0, 1).unsqueeze(0)
+            keys = cache.gather(cache.k, span.context_slots).transpose(0, 1).unsqueeze(0)
+            values = cache.gather(cache.v, span.context_slots).transpose(0, 1).unsqueeze(0)
             mask, causal = span.mask, False
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True

@@ -72,7 +72,7 @@ def plan_dispatch(
     order = torch.argsort(flat_ids, stable=True)
     token_index = order // expert_ids.shape[1]
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    batch = ExpertBatch(hidden[token_index], weights.reshape(-1)[order], counts)
+    batch = ExpertBatch(hidden.index_select(0, token_index), weights.reshape(-1)[order], counts)
     return batch, token_index
 
 
@@ -131,11 +131,12 @@ def _apply_batched(weights: ExpertWeights, batch: ExpertBatch, widest: int) -> t
     counts = torch.tensor(batch.counts)
     expert_of_row = torch.repeat_interleave(torch.arange(num_experts), counts)
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(batch.num_rows) - starts[expert_of_row]
-    padded = batch.hidden.new_zeros(num_experts, widest, batch.hidden.shape[1])
-    padded[expert_of_row, slot] = batch.hidden
-    act = silu_and_mul(torch.bmm(padded, weights.gate_up))
-    return torch.bmm(act, weights.down)[expert_of_row, slot]
+    # row i of the batch goes to row `flat[i]` of the [E * widest, H] padded block
+    flat = expert_of_row * widest + torch.arange(batch.num_rows) - starts[expert_of_row]
+    hidden = batch.hidden.shape[1]
+    padded = batch.hidden.new_zeros(num_experts * widest, hidden).index_copy_(0, flat, batch.hidden)
+    act = silu_and_mul(torch.bmm(padded.view(num_experts, widest, hidden), weights.gate_up))
+    return torch.bmm(act, weights.down).view(num_experts * widest, -1).index_select(0, flat)
 
 
 class ExpertBackend(Protocol):
