@@ -49,16 +49,35 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
-def weight_bytes_touched(llm: LLM) -> int:
-    """Bytes of weights the latest step read: everything but the experts no token was routed to."""
+def matmul_flops_per_s(size: int = 1024, repeats: int = 5) -> float:
+    """What this machine's fp32 matmul reaches on a large square product, best of a few."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def decode_step_cost(llm: LLM) -> tuple[int, int]:
+    """(bytes of weights read, matmul FLOPs) of the latest decode step.
+
+    Bytes: every weight but the embedding table and the experts no token was routed to.
+    FLOPs: 2 per weight per token for the dense weights, 2 per expert weight per routed row.
+    """
     model = llm.engine.model
-    dense = sum(p.nbytes for name, p in model.named_parameters() if name != "embed_tokens.weight")
-    touched = dense + llm.engine.last_step.decode_seqs * model.embed_tokens.weight[0].nbytes
+    tokens = llm.engine.last_step.decode_seqs
+    dense = [p for name, p in model.named_parameters() if name != "embed_tokens.weight"]
+    touched = sum(p.nbytes for p in dense) + tokens * model.embed_tokens.weight[0].nbytes
+    flops = 2 * tokens * sum(p.numel() for p in dense)
     for block in model.moe_blocks:
         weights = block.backend.layers[block.layer]
-        per_expert = weights.nbytes // len(block.last_expert_counts)
-        touched += per_expert * sum(1 for c in block.last_expert_counts if c)
-    return touched
+        counts = block.last_expert_counts
+        per_expert = weights.nbytes // len(counts)
+        touched += per_expert * sum(1 for c in counts if c)
+        flops += 2 * sum(counts) * (weights.gate_up[0].numel() + weights.down[0].numel())
+    return touched, flops
 
 
 def run_ours(prompts: list[list[int]], dtype: str) -> dict:
@@ -71,7 +90,7 @@ def run_ours(prompts: list[list[int]], dtype: str) -> dict:
     for p in prompts:
         engine.add_request(p, params)
     outputs: dict[str, list[int]] = {}
-    decode_seconds, decode_bytes = 0.0, 0
+    decode_seconds, decode_bytes, decode_flops = 0.0, 0, 0
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -80,7 +99,9 @@ def run_ours(prompts: list[list[int]], dtype: str) -> dict:
         step = engine.last_step
         if step.prefill_tokens == 0 and step.decode_seqs:
             decode_seconds += step.seconds
-            decode_bytes += weight_bytes_touched(llm)
+            step_bytes, step_flops = decode_step_cost(llm)
+            decode_bytes += step_bytes
+            decode_flops += step_flops
     elapsed = time.perf_counter() - start
     tokens = sum(len(t) for t in outputs.values())
     ordered = [outputs[k] for k in sorted(outputs, key=lambda r: int(r.split("-")[1]))]
@@ -91,6 +112,7 @@ def run_ours(prompts: list[list[int]], dtype: str) -> dict:
         "tokens_per_s": tokens / elapsed,
         "decode_seconds": decode_seconds,
         "decode_bytes": decode_bytes,
+        "decode_flops": decode_flops,
         "outputs": ordered,
     }
 
@@ -164,18 +186,27 @@ def main() -> None:
         f"checkpoint {CHECKPOINT.name}; {torch.get_num_threads()} threads"
     )
 
-    bandwidth = copy_bandwidth()
-    print(f"memory copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
+    bandwidth, flops_per_s = copy_bandwidth(), matmul_flops_per_s()
+    print(
+        f"memory copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write); fp32 matmul: {flops_per_s / 1e9:.0f} GFLOP/s"
+    )
     ours = run_ours(prompts, "float32")
     print(f"expertmesh fp32:   {ours['tokens_per_s']:8.1f} output tokens/s")
     floor = ours["decode_bytes"] / bandwidth
-    print(f"decode steps: {ours['decode_seconds']:.2f} s measured, {floor:.2f} s bandwidth floor")
+    compute_floor = ours["decode_flops"] / flops_per_s
+    print(
+        f"decode steps: {ours['decode_seconds']:.2f} s measured; floors: {floor:.2f} s memory bandwidth, "
+        f"{compute_floor:.2f} s matmul compute"
+    )
     hf = run_transformers(prompts)
     print(
         f"transformers fp32: {hf['tokens_per_s']:8.1f} output tokens/s ({agreement(ours['outputs'], hf['outputs'])})"
     )
 
-    ratios = [("decode/bandwidth-floor", floor / ours["decode_seconds"])]
+    ratios = [
+        ("decode/bandwidth-floor", floor / ours["decode_seconds"]),
+        ("decode/roofline-floor", max(floor, compute_floor) / ours["decode_seconds"]),
+    ]
     if VLLM_PYTHON.exists() and not args.skip_vllm:
         ours_bf16 = run_ours(prompts, "bfloat16")
         print(f"expertmesh bf16:   {ours_bf16['tokens_per_s']:8.1f} output tokens/s")
