@@ -24,3 +24,15 @@ def describe_validation_error(exc: ValidationError, what: str) -> str:
         shown = err["type"] != "missing" and not isinstance(err["input"], dict)
         parts.append(f"invalid {what} {field!r}: {msg}" + (f" (got {err['input']!r})" if shown else ""))
     return "; ".join(parts)
+
+
+class ModelNotFoundError(ExpertMeshError, LookupError):
+    """A request named a model this server does not serve."""
+
+    def __init__(self, name: str, available: list[str]):
+        self.name, self.available = name, list(available)
+        served = ", ".join(repr(n) for n in self.available) or "none"
+        super().__init__(f"model {name!r} is not served here; available models: {served}")
+
+    def __reduce__(self):  # picklable across processes (Ray), despite the two-argument constructor
+        return type(self), (self.name, self.available)

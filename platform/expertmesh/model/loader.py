@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from expertmesh.errors import CheckpointError
 from expertmesh.model.attention import Attention
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.experts import ColocatedExpertBackend, ExpertWeights
+from expertmesh.model.experts import ColocatedExpertBackend, ExpertPartition, ExpertWeights
 from expertmesh.model.layers import GatedMLP, RotaryEmbedding
 from expertmesh.model.moe import SparseMoE
 from expertmesh.model.transformer import CausalLM
@@ -128,8 +128,6 @@ def load_expert_group(
     directory: str | Path, group: int, num_groups: int, dtype: str | torch.dtype = "auto"
 ) -> dict[int, ExpertWeights]:
     """One expert group's weights for every MoE layer: what one expert-pool replica holds."""
-    from expertmesh.model.experts import ExpertPartition
-
     directory = Path(directory)
     cfg = load_config(directory)
     if cfg.moe is None:
@@ -146,7 +144,11 @@ def load_expert_group(
 
 
 def _fill(param: torch.Tensor, parts: list[torch.Tensor]) -> None:
-    torch.cat(parts, dim=0, out=param.data) if len(parts) > 1 else param.data.copy_(parts[0])
+    """Copy checkpoint tensors into a parameter, concatenating fused ones (q|k|v, gate|up)."""
+    if len(parts) > 1:
+        torch.cat(parts, dim=0, out=param.data)
+    else:
+        param.data.copy_(parts[0])
 
 
 def load_model(
