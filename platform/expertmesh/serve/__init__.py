@@ -1,0 +1,1 @@
+"""Serving plane: expert-group transport, and (next) the Ray Serve deployments."""
