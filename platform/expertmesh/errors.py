@@ -1,5 +1,7 @@
 """Errors a user can act on: each message names the file, key or field at fault."""
 
+from __future__ import annotations
+
 from pydantic import ValidationError
 
 
@@ -27,12 +29,12 @@ def describe_validation_error(exc: ValidationError, what: str) -> str:
 
 
 class ModelNotFoundError(ExpertMeshError, LookupError):
-    """A request named a model this server does not serve."""
+    """A request named a model this server does not serve.
 
-    def __init__(self, name: str, available: list[str]):
-        self.name, self.available = name, list(available)
-        served = ", ".join(repr(n) for n in self.available) or "none"
-        super().__init__(f"model {name!r} is not served here; available models: {served}")
+    One-argument, like a plain exception, so Ray can re-raise it across processes.
+    """
 
-    def __reduce__(self):  # picklable across processes (Ray), despite the two-argument constructor
-        return type(self), (self.name, self.available)
+    @classmethod
+    def for_model(cls, name: str, available: list[str]) -> ModelNotFoundError:
+        served = ", ".join(repr(n) for n in available) or "none"
+        return cls(f"model {name!r} is not served here; available models: {served}")

@@ -106,12 +106,14 @@ class LLMEngine:
         config: EngineConfig | None = None,
         skip_tokenizer_init: bool = False,
         progress=None,
+        load_experts: bool = True,
     ) -> LLMEngine:
+        """Load a checkpoint. Without `load_experts` the caller must set an expert backend."""
         path = Path(path)
         cfg = load_config(path)
         resolve_dtype(dtype, cfg)  # fail on a bad dtype before reading any weights
         tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
-        model = load_model(path, dtype, progress=progress)
+        model = load_model(path, dtype, progress=progress, load_experts=load_experts)
         return cls(model, tokenizer, stop_token_ids(path, cfg.eos_token_ids), config)
 
     # ---- requests -------------------------------------------------------------------

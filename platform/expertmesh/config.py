@@ -1,0 +1,118 @@
+"""The platform's serve config: which models, which revisions, how they are deployed.
+
+One pydantic schema shared by `expertmesh serve --config` and the operator, which
+generates exactly this from `Model` resources. The router's traffic table is the
+part that changes during a rollout; it travels as the router's Serve
+`user_config`, so a weight change is a reconfigure, not a restart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from expertmesh.engine.config import EngineConfig
+from expertmesh.errors import ExpertMeshError, describe_validation_error
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?$"
+
+
+class ConfigError(ExpertMeshError):
+    """A serve config that cannot be deployed; the message names the field."""
+
+
+class ExpertParallelSpec(BaseModel):
+    """Disaggregated experts: one Ray Serve pool per expert group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    groups: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="expert groups; default: MoGE's routing groups, top-k: see default_groups",
+    )
+    replicas_per_group: int = Field(1, ge=1, le=64)
+
+
+class RevisionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("v1", pattern=NAME_PATTERN, description="revision id, e.g. the model version")
+    source: str = Field(..., min_length=1, description="checkpoint directory (HF layout)")
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    engine_replicas: int = Field(1, ge=1, le=64)
+    expert_parallel: ExpertParallelSpec = Field(default_factory=ExpertParallelSpec)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=NAME_PATTERN)
+    revisions: list[RevisionSpec] = Field(..., min_length=1, max_length=8)
+    traffic: dict[str, int] | None = Field(None, description="revision -> percent; default: 100 to the first")
+
+    @model_validator(mode="after")
+    def _check_traffic(self) -> ModelSpec:
+        names = [r.name for r in self.revisions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"revision names must be unique, got {names}")
+        if self.traffic is not None:
+            unknown = set(self.traffic) - set(names)
+            if unknown:
+                raise ValueError(f"traffic names unknown revisions {sorted(unknown)}; known: {names}")
+            if any(w < 0 for w in self.traffic.values()) or sum(self.traffic.values()) != 100:
+                raise ValueError(f"traffic weights must be >= 0 and sum to 100, got {self.traffic}")
+        return self
+
+    def weights(self) -> dict[str, int]:
+        return dict(self.traffic) if self.traffic is not None else {self.revisions[0].name: 100}
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelSpec] = Field(..., min_length=1)
+    api_key: str | None = Field(None, min_length=8, repr=False)
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(9000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> ServeConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ServeConfig:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read serve config ({exc})") from exc
+        return cls.parse(raw, str(path))
+
+    @classmethod
+    def parse(cls, raw: object, source: str = "serve config") -> ServeConfig:
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {describe_validation_error(exc, 'field')}") from None
+
+
+def traffic_table(config: ServeConfig) -> dict[str, dict[str, int]]:
+    """The router's user_config: model -> revision -> percent."""
+    return {m.name: m.weights() for m in config.models}
+
+
+def default_groups(num_experts: int, moge_groups: int | None) -> int:
+    """MoGE: its routing groups. Top-k: the largest divisor of num_experts that is at most 8."""
+    if moge_groups:
+        return moge_groups
+    return max(g for g in range(1, 9) if num_experts % g == 0)

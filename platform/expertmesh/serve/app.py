@@ -1,0 +1,67 @@
+"""Build the one Serve application of a platform instance from a ServeConfig."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from expertmesh.config import ServeConfig, traffic_table
+from expertmesh.serve.deployments import Engine, ExpertGroup, Router, partition_for
+
+APP_NAME = "expertmesh"
+
+
+def build_app(config: ServeConfig) -> serve.Application:
+    engines: dict[str, dict[str, serve.Application]] = {}
+    for model in config.models:
+        engines[model.name] = {}
+        for rev in model.revisions:
+            spec = rev.model_dump()
+            base = f"{model.name}-{rev.name}"
+            groups = None
+            if rev.expert_parallel.enabled:
+                groups = [
+                    ExpertGroup.options(
+                        name=f"experts-{base}-g{g}", num_replicas=rev.expert_parallel.replicas_per_group
+                    ).bind(spec, g)
+                    for g in range(partition_for(rev).num_groups)
+                ]
+            engine = Engine.options(name=f"engine-{base}", num_replicas=rev.engine_replicas)
+            engines[model.name][rev.name] = engine.bind(spec, groups)
+    return Router.options(user_config={"traffic": traffic_table(config)}).bind(engines)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Serve's application builder (import path `expertmesh.serve.app:app_builder`)."""
+    return build_app(ServeConfig.parse(args["config"], "application args 'config'"))
+
+
+def serve_deploy_config(config: ServeConfig) -> dict:
+    """The declarative Serve config (what a RayService's serveConfigV2 holds).
+
+    The traffic table is left out of the builder's args and set as the Router's
+    user_config override, so a rollout step changes only that: Serve reconfigures
+    the Router in place and no replica restarts.
+    """
+    args = config.model_dump(mode="json")
+    for model in args["models"]:
+        model["traffic"] = None
+    return {
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "expertmesh.serve.app:app_builder",
+                "args": {"config": args},
+                "deployments": [{"name": "Router", "user_config": {"traffic": traffic_table(config)}}],
+            }
+        ]
+    }
+
+
+def deploy(config: ServeConfig, blocking: bool = True) -> None:
+    """Apply the declarative config to the running Serve instance, as `serve deploy` would."""
+    from ray.serve.context import _get_global_client
+
+    schema = ServeDeploySchema.model_validate(serve_deploy_config(config))
+    _get_global_client().deploy_apps(schema, _blocking=blocking)

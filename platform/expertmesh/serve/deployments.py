@@ -1,0 +1,141 @@
+"""Ray Serve deployments: Router (ingress), Engine (one per model revision), ExpertGroup (one per group).
+
+Replicas of an ExpertGroup deployment form that group's pool. Each replica loads
+only its group's experts and serves them on a ZeroMQ endpoint; an Engine learns
+the endpoints of every replica of every pool by a Serve broadcast, then sends
+tensors over ZeroMQ (see expert_transport.py). Serve still starts, restarts and
+scales the replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator
+
+import ray
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from expertmesh.config import RevisionSpec, default_groups
+from expertmesh.engine.async_engine import AsyncLLMEngine
+from expertmesh.engine.llm_engine import LLMEngine
+from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.engine.sequence import RequestOutput
+from expertmesh.errors import ExpertMeshError, ModelNotFoundError
+from expertmesh.model.experts import ExpertPartition
+from expertmesh.model.loader import load_config, load_expert_group
+from expertmesh.serve.expert_transport import ExpertGroupServer
+from expertmesh.serve.remote_experts import RemoteExpertBackend
+from expertmesh.serve.traffic import choose_revision
+
+# Replicas share the machine's cores; one intra-op thread each avoids oversubscription.
+THREADS_PER_REPLICA = int(os.environ.get("EXPERTMESH_THREADS_PER_REPLICA", "1"))
+
+
+def partition_for(spec: RevisionSpec) -> ExpertPartition:
+    cfg = load_config(spec.source)
+    if cfg.moe is None:
+        raise ExpertMeshError(f"{spec.source}: a dense model cannot run disaggregated experts")
+    moge = cfg.moe.num_routing_groups if cfg.moe.routing == "moge" else None
+    groups = spec.expert_parallel.groups or default_groups(cfg.moe.num_experts, moge)
+    if moge and groups != moge:
+        raise ExpertMeshError(
+            f"a MoGE model's expert groups are its {moge} routing groups, got groups={groups}"
+        )
+    return ExpertPartition(cfg.moe.num_experts, groups)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class ExpertGroup:
+    def __init__(self, revision: dict, group: int):
+        torch.set_num_threads(THREADS_PER_REPLICA)
+        spec = RevisionSpec.model_validate(revision)
+        partition = partition_for(spec)
+        self.server = ExpertGroupServer(
+            load_expert_group(spec.source, group, partition.num_groups, spec.dtype),
+            host=ray.util.get_node_ip_address(),
+        )
+
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    def check_health(self) -> None:
+        if not self.server._thread.is_alive():
+            raise RuntimeError(f"expert server at {self.server.endpoint} stopped")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+class Engine:
+    def __init__(self, revision: dict, expert_groups: list[DeploymentHandle] | None = None):
+        torch.set_num_threads(THREADS_PER_REPLICA)
+        spec = RevisionSpec.model_validate(revision)
+        self.expert_groups = expert_groups
+        self.partition = partition_for(spec) if expert_groups else None
+        self.engine = LLMEngine.from_checkpoint(
+            spec.source, spec.dtype, spec.engine, load_experts=not expert_groups
+        )
+        self.async_engine: AsyncLLMEngine | None = None
+        self._ready = asyncio.Lock()
+
+    async def _start(self) -> AsyncLLMEngine:
+        # Expert endpoints are known only once the pools' replicas are up: ask them on first use.
+        async with self._ready:
+            if self.async_engine is None:
+                if self.expert_groups:
+                    pools = {}
+                    for group, handle in enumerate(self.expert_groups):
+                        pools[group] = list(await handle.broadcast("endpoint").results_async())
+                    self.engine.model.set_expert_backend(RemoteExpertBackend(self.partition, pools))
+                self.async_engine = AsyncLLMEngine(self.engine)
+        return self.async_engine
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | dict, request_id: str | None = None
+    ):
+        engine = await self._start()
+        params = params if isinstance(params, SamplingParams) else SamplingParams(**params)
+        async for out in engine.generate(prompt, params, request_id):
+            yield out
+
+    def info(self) -> dict:
+        return {"max_model_len": self.engine.max_model_len, "pid": os.getpid()}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+class Router:
+    """Ingress: model by name, revision by traffic weight (user_config), then Serve's least-loaded replica."""
+
+    def __init__(self, engines: dict[str, dict[str, DeploymentHandle]]):
+        self.engines = {
+            m: {r: h.options(stream=True) for r, h in revs.items()} for m, revs in engines.items()
+        }
+        self.unary = engines
+        self.traffic: dict[str, dict[str, int]] = {m: {next(iter(revs)): 100} for m, revs in engines.items()}
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.traffic = {m: dict(w) for m, w in user_config["traffic"].items()}
+
+    def model_names(self) -> list[str]:
+        return sorted(self.engines)
+
+    def revision_for(self, model: str, draw: float | None = None) -> str:
+        if model not in self.engines:
+            raise ModelNotFoundError.for_model(model, self.model_names())
+        return choose_revision(self.traffic[model], random.random() if draw is None else draw)
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str | list[int],
+        params: SamplingParams | dict,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        revision = self.revision_for(model)
+        async for out in self.engines[model][revision].generate.remote(prompt, params, request_id):
+            yield out
+
+    async def engine_info(self, model: str, revision: str) -> dict:
+        return await self.unary[model][revision].info.remote()
