@@ -23,9 +23,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_serve():
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    yield
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
 
@@ -52,7 +53,7 @@ def app(ray_serve, pangu_tiny):
         }
     )
     deploy(config)  # declaratively, as a RayService's serveConfigV2 is applied
-    return config, serve.get_app_handle(APP_NAME)
+    return config, serve.get_app_handle(APP_NAME), ray_serve
 
 
 def generate(handle, model, prompt):
@@ -63,7 +64,7 @@ def generate(handle, model, prompt):
 
 
 def test_colocated_and_disaggregated_give_the_offline_engines_tokens(app, pangu_tiny):
-    _, handle = app
+    _, handle, _ = app
     offline = LLM(pangu_tiny, show_progress=False).generate(PROMPTS, SamplingParams(**GREEDY), use_tqdm=False)
     for prompt, want in zip(PROMPTS, offline, strict=True):
         assert generate(handle, "colocated", prompt) == want.outputs[0].token_ids
@@ -78,7 +79,7 @@ def test_each_expert_pool_is_its_own_deployment(app):
 
 
 def test_traffic_shift_is_a_reconfigure_not_a_restart(app):
-    config, handle = app
+    config, handle, _ = app
     before = {rev: handle.engine_info.remote("two-revisions", rev).result()["pid"] for rev in ("v1", "v2")}
     assert {handle.revision_for.remote("two-revisions", d / 10).result() for d in range(10)} == {"v1"}
     shifted = config.model_copy(deep=True)
@@ -91,6 +92,36 @@ def test_traffic_shift_is_a_reconfigure_not_a_restart(app):
 
 
 def test_unknown_model_is_named(app):
-    _, handle = app
+    _, handle, _ = app
     with pytest.raises(Exception, match="model 'nope' is not served here; available models: 'colocated'"):
         handle.revision_for.remote("nope").result()
+
+
+def test_openai_client_through_the_serve_http_proxy(app, pangu_tiny):
+    openai = pytest.importorskip("openai")
+    _, _, url = app
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert sorted(m.id for m in client.models.list().data) == ["colocated", "disaggregated", "two-revisions"]
+    offline = LLM(pangu_tiny, show_progress=False).generate(
+        PROMPTS[:1], SamplingParams(**GREEDY), use_tqdm=False
+    )
+    for model in ("colocated", "disaggregated"):
+        reply = client.completions.create(
+            model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert reply.choices[0].text == offline[0].outputs[0].text
+        streamed = "".join(
+            chunk.choices[0].text
+            for chunk in client.completions.create(
+                model=model,
+                prompt=PROMPTS[0],
+                max_tokens=10,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            if chunk.choices
+        )
+        assert streamed == offline[0].outputs[0].text
+    with pytest.raises(openai.NotFoundError, match="'nope' is not served"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)

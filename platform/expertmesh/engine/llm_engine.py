@@ -21,6 +21,7 @@ from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import Scheduler
 from expertmesh.engine.sequence import CompletionOutput, RequestOutput, Sequence
 from expertmesh.errors import CheckpointError, InvalidRequestError
+from expertmesh.model.config import ModelConfig
 from expertmesh.model.loader import load_config, load_model, resolve_dtype
 from expertmesh.model.transformer import CausalLM
 
@@ -64,6 +65,11 @@ def stop_token_ids(directory: Path, model_eos: tuple[int, ...]) -> set[int]:
     return eos
 
 
+def context_length(config: EngineConfig, model: ModelConfig) -> int:
+    """The engine's max_model_len: its own limit when set, never beyond the model's positions."""
+    return min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -75,9 +81,7 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model = model
         cfg = model.config
-        self.max_model_len = min(
-            self.config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
-        )
+        self.max_model_len = context_length(self.config, cfg)
         dtype = model.embed_tokens.weight.dtype
         num_blocks = KVCache.blocks_in_budget(
             cfg,

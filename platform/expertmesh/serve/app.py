@@ -28,7 +28,10 @@ def build_app(config: ServeConfig) -> serve.Application:
                 ]
             engine = Engine.options(name=f"engine-{base}", num_replicas=rev.engine_replicas)
             engines[model.name][rev.name] = engine.bind(spec, groups)
-    return Router.options(user_config={"traffic": traffic_table(config)}).bind(engines)
+    # the first revision of each model describes it to the API (context length, chat template)
+    described = {model.name: model.revisions[0].model_dump() for model in config.models}
+    router = Router.options(user_config={"traffic": traffic_table(config)})
+    return router.bind(engines, described, config.api_key)
 
 
 def app_builder(args: dict) -> serve.Application:

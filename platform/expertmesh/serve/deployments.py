@@ -12,16 +12,22 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import ray
 import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from tokenizers import Tokenizer
 
+from expertmesh.api.chat_template import ChatTemplate
+from expertmesh.api.engine_client import ModelInfo
+from expertmesh.api.openai_app import build_openai_app
 from expertmesh.config import RevisionSpec, default_groups
 from expertmesh.engine.async_engine import AsyncLLMEngine
-from expertmesh.engine.llm_engine import LLMEngine
+from expertmesh.engine.llm_engine import LLMEngine, context_length, load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
 from expertmesh.errors import ExpertMeshError, ModelNotFoundError
@@ -105,15 +111,36 @@ class Engine:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress()
 class Router:
-    """Ingress: model by name, revision by traffic weight (user_config), then Serve's least-loaded replica."""
+    """Ingress: model by name, revision by traffic weight (user_config), then Serve's least-loaded replica.
 
-    def __init__(self, engines: dict[str, dict[str, DeploymentHandle]]):
+    It is the OpenAI HTTP API's EngineClient, and its methods are callable through a handle.
+    """
+
+    def __init__(
+        self, engines: dict[str, dict[str, DeploymentHandle]], revisions: dict[str, dict], api_key=None
+    ):
         self.engines = {
             m: {r: h.options(stream=True) for r, h in revs.items()} for m, revs in engines.items()
         }
         self.unary = engines
         self.traffic: dict[str, dict[str, int]] = {m: {next(iter(revs)): 100} for m, revs in engines.items()}
+        self.api_key = api_key
+        self._infos: dict[str, ModelInfo] = {}
+        self._tokenizers: dict[str, Tokenizer] = {}
+        for model, revision in revisions.items():
+            spec = RevisionSpec.model_validate(revision)
+            self._infos[model] = ModelInfo(
+                name=model,
+                max_model_len=context_length(spec.engine, load_config(spec.source)),
+                created=int(time.time()),
+                chat_template=ChatTemplate.from_checkpoint(spec.source),
+            )
+            self._tokenizers[model] = load_tokenizer(Path(spec.source))
+
+    def __serve_build_asgi_app__(self):
+        return build_openai_app(self, api_key=self.api_key)
 
     def reconfigure(self, user_config: dict) -> None:
         self.traffic = {m: dict(w) for m, w in user_config["traffic"].items()}
@@ -121,9 +148,17 @@ class Router:
     def model_names(self) -> list[str]:
         return sorted(self.engines)
 
+    def model_info(self, name: str) -> ModelInfo:
+        if name not in self._infos:
+            raise ModelNotFoundError.for_model(name, self.model_names())
+        return self._infos[name]
+
+    async def tokenize(self, model: str, text: str) -> list[int]:
+        self.model_info(model)
+        return self._tokenizers[model].encode(text, add_special_tokens=False).ids
+
     def revision_for(self, model: str, draw: float | None = None) -> str:
-        if model not in self.engines:
-            raise ModelNotFoundError.for_model(model, self.model_names())
+        self.model_info(model)
         return choose_revision(self.traffic[model], random.random() if draw is None else draw)
 
     async def generate(
