@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 DEMO_CHECKPOINT := checkpoints/pangu_pro_moe-small
 
-.PHONY: serve test lint bench bench-peers clean
+.PHONY: serve demo test lint bench bench-peers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,15 @@ $(INSTALLED): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
-serve: $(INSTALLED)
+$(DEMO_CHECKPOINT)/config.json: | $(INSTALLED)
+	$(VENV)/bin/expertmesh make-checkpoint --arch pangu_pro_moe --size small $(DEMO_CHECKPOINT)
+
+# The platform on this machine: Ray + the OpenAI HTTP API on 127.0.0.1:8000, the demo MoGE model.
+serve: $(INSTALLED) $(DEMO_CHECKPOINT)/config.json
+	$(VENV)/bin/expertmesh serve --config deployments/serve/colocated.yaml
+
+# The offline engine alone, streaming a batch of sample prompts (no server).
+demo: $(INSTALLED) $(DEMO_CHECKPOINT)/config.json
 	$(VENV)/bin/expertmesh demo --model $(DEMO_CHECKPOINT)
 
 lint: $(INSTALLED)

@@ -1,8 +1,9 @@
-"""Command line: `expertmesh make-checkpoint | generate | demo`."""
+"""Command line: `expertmesh serve | generate | make-checkpoint | demo`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,10 +30,8 @@ def _make_checkpoint(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from expertmesh.engine.llm import LLM
     from expertmesh.engine.sampling_params import SamplingParams
 
-    llm = LLM(args.model, args.dtype)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -40,11 +39,60 @@ def _generate(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         seed=args.seed,
     )
+    if args.url:
+        _generate_remote(args, params)
+        return
+    from expertmesh.engine.llm import LLM
+
+    llm = LLM(args.model, args.dtype)
     for out in llm.generate_stream([args.prompt], params):
         sys.stdout.write(out.outputs[0].delta_text)
         sys.stdout.flush()
         if out.finished:
             print(f"\n[finish_reason={out.outputs[0].finish_reason}, tokens={out.num_output_tokens}]")
+
+
+def _generate_remote(args: argparse.Namespace, params) -> None:
+    from expertmesh.api.http_client import stream_completion
+
+    body = params.model_dump(
+        include={"max_tokens", "temperature", "top_p", "top_k", "seed"}, exclude_none=True
+    )
+    finish = None
+    try:
+        for chunk in stream_completion(
+            args.url, str(args.model), args.prompt, body, os.environ.get("EXPERTMESH_API_KEY")
+        ):
+            for choice in chunk.get("choices", []):
+                sys.stdout.write(choice.get("text", ""))
+                sys.stdout.flush()
+                finish = choice.get("finish_reason") or finish
+    except (RuntimeError, OSError) as exc:  # requests' errors are OSErrors
+        raise ExpertMeshError(f"{args.url}: {exc}") from exc
+    print(f"\n[finish_reason={finish}]")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from expertmesh.config import ServeConfig
+    from expertmesh.serve.launcher import serve_forever, single_model_config
+
+    if args.config:
+        config = ServeConfig.from_yaml(args.config)
+        updates = {"http_port": args.http_port} if args.http_port else {}
+        if args.api_key:
+            updates["api_key"] = args.api_key
+        config = config.model_copy(update=updates)
+    elif args.model:
+        if not (args.model / "config.json").is_file():
+            raise ExpertMeshError(
+                f"{args.model}: no checkpoint there (make one with `expertmesh make-checkpoint`)"
+            )
+        config = single_model_config(
+            args.model, args.name, args.expert_parallel, args.dtype, args.api_key, args.http_port or 8000
+        )
+    else:
+        raise ExpertMeshError("give --config FILE or --model PATH")
+    serve_forever(config, args.host)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -75,8 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("out", type=Path)
     mk.set_defaults(func=_make_checkpoint)
 
-    gen = sub.add_parser("generate", help="stream a completion from a checkpoint, in process")
-    gen.add_argument("--model", required=True, type=Path)
+    srv = sub.add_parser("serve", help="start Ray here, deploy the models, serve the OpenAI HTTP API")
+    srv.add_argument("--config", type=Path, help="serve config YAML (see deployments/serve/)")
+    srv.add_argument("--model", type=Path, help="a checkpoint directory, served alone")
+    srv.add_argument("--name", help="served model name (default: the directory name)")
+    srv.add_argument(
+        "--expert-parallel", type=int, default=0, metavar="N", help="expert pools, N replicas each"
+    )
+    srv.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    srv.add_argument("--http-port", type=int, default=None, help="default 8000, or the config's")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument(
+        "--api-key", default=os.environ.get("EXPERTMESH_API_KEY"), help="require this bearer key"
+    )
+    srv.set_defaults(func=_serve)
+
+    gen = sub.add_parser(
+        "generate", help="stream a completion: from a server (--url) or a checkpoint, in process"
+    )
+    gen.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (then --model is its name)")
+    gen.add_argument(
+        "--model", required=True, help="checkpoint directory, or the served model name with --url"
+    )
     gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)

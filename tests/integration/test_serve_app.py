@@ -1,6 +1,7 @@
 """The Serve application on a real in-process Ray: colocated and disaggregated give the same tokens."""
 
 import socket
+from pathlib import Path
 
 import pytest
 import ray
@@ -31,16 +32,25 @@ def ray_serve():
     ray.shutdown()
 
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "deployments" / "serve"
+
+
+def example_model(file: str, name: str, source: Path) -> dict:
+    """A model of an example config (deployments/serve/), pointed at the tiny checkpoint."""
+    (model,) = ServeConfig.from_yaml(EXAMPLES / file).model_dump(mode="json")["models"]
+    model["name"] = name
+    for revision in model["revisions"]:
+        revision["source"] = str(source)
+    return model
+
+
 @pytest.fixture(scope="module")
 def app(ray_serve, pangu_tiny):
     config = ServeConfig.parse(
         {
             "models": [
-                {"name": "colocated", "revisions": [{"source": str(pangu_tiny)}]},
-                {
-                    "name": "disaggregated",
-                    "revisions": [{"source": str(pangu_tiny), "expert_parallel": {"enabled": True}}],
-                },
+                example_model("colocated.yaml", "colocated", pangu_tiny),
+                example_model("disaggregated.yaml", "disaggregated", pangu_tiny),
                 {
                     "name": "two-revisions",
                     "revisions": [
