@@ -13,6 +13,11 @@ class CheckpointError(ExpertMeshError):
     """A checkpoint directory cannot be used: missing file, bad key, wrong shape or dtype."""
 
 
+class BackendUnavailableError(ExpertMeshError):
+    """Something the engine needs (an expert pool) did not answer: the requests of that step failed,
+    the engine goes on. Servers answer UNAVAILABLE / 503; retrying is safe."""
+
+
 class InvalidRequestError(ExpertMeshError, ValueError):
     """A request the engine will never serve as given (prompt too long, bad sampling values)."""
 

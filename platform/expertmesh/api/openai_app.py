@@ -15,7 +15,7 @@ Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
 
 Errors always leave as OpenAI's ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
 fields (``param`` names the field), 401 for a missing or wrong API key, 404 for an unknown model
-(``code="model_not_found"``), 429 when the engine's queue is full, 503 when the engine is dead, and
+(``code="model_not_found"``), 429 when the engine's queue is full, 503 when the engine is dead or an expert pool is down, and
 500, logged with its traceback here but never sent, for anything unexpected.
 
 A request is first submitted and its first output awaited; only then does a stream start, so that
@@ -68,7 +68,7 @@ from expertmesh.engine.async_engine import EngineDeadError
 from expertmesh.engine.llm_engine import QueueFullError
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
-from expertmesh.errors import InvalidRequestError, ModelNotFoundError
+from expertmesh.errors import BackendUnavailableError, InvalidRequestError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ def _as_openai_error(exc: BaseException, prompt_param: str | None) -> OpenAIErro
         )
     if isinstance(exc, InvalidRequestError):
         return bad_request(str(exc), prompt_param)
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, EngineDeadError | BackendUnavailableError):
         logger.error("engine unavailable: %s", exc)
         return OpenAIError(503, str(exc), type="service_unavailable_error")
     logger.error("unexpected error serving a request", exc_info=exc)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
-from expertmesh.errors import InvalidRequestError
+from expertmesh.errors import BackendUnavailableError, InvalidRequestError
 
 _ABORTED = object()  # put on a stream's queue by abort(): the stream ends
 
@@ -61,6 +61,8 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"engine loop failed: {item!r}") from item
                 finished = item.finished
+                if item.error is not None:
+                    raise BackendUnavailableError(item.error)
                 yield item
         finally:
             self._streams.pop(request_id, None)

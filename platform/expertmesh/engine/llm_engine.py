@@ -20,7 +20,7 @@ from expertmesh.engine.sampler import sample
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import Scheduler
 from expertmesh.engine.sequence import CompletionOutput, RequestOutput, Sequence
-from expertmesh.errors import CheckpointError, InvalidRequestError
+from expertmesh.errors import BackendUnavailableError, CheckpointError, InvalidRequestError
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.loader import load_config, load_model, resolve_dtype
 from expertmesh.model.transformer import CausalLM
@@ -211,7 +211,10 @@ class LLMEngine:
             if plan.empty:
                 return []
             started = time.perf_counter()
-            result = self.runner.execute(plan)
+            try:
+                result = self.runner.execute(plan)
+            except BackendUnavailableError as exc:
+                return self._fail_step(plan, exc)
             outputs = []
             if result.sampled:
                 tokens = sample(
@@ -225,6 +228,15 @@ class LLMEngine:
                 len(plan.decodes), plan.num_tokens - len(plan.decodes), time.perf_counter() - started
             )
             return outputs
+
+    def _fail_step(self, plan, exc: BackendUnavailableError) -> list[RequestOutput]:
+        """The step's forward pass could not finish: fail exactly its requests, free their cache."""
+        outputs = []
+        for seq in [*plan.decodes, *(s for s, _ in plan.prefills)]:
+            seq.error = str(exc)
+            self.scheduler.finish(seq, "error")
+            outputs.append(self._report(seq))
+        return outputs
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         seq.output_token_ids.append(token)
@@ -276,4 +288,5 @@ class LLMEngine:
             arrival_time=seq.arrival_time,
             first_token_time=seq.first_token_time,
             finished_time=time.monotonic() if finished else None,
+            error=seq.error,
         )

@@ -32,7 +32,8 @@ class Sequence:
     text: str = ""  # detokenized output so far (stop strings already cut)
     emitted_chars: int = 0  # how much of `text` the caller has been given
     emitted_tokens: int = 0
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why it failed, when finish_reason is "error"
     stop_reason: str | int | None = None  # the stop string or token that ended it
     first_token_time: float | None = None
     # incremental detokenization offsets (see Detokenizer)
@@ -77,6 +78,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+    error: str | None = None  # set when the request failed (finish_reason "error")
 
     @property
     def num_output_tokens(self) -> int:

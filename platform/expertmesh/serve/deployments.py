@@ -10,6 +10,7 @@ scales the replicas.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
@@ -36,6 +37,9 @@ from expertmesh.model.loader import load_config, load_expert_group
 from expertmesh.serve.expert_transport import ExpertGroupServer
 from expertmesh.serve.remote_experts import RemoteExpertBackend
 from expertmesh.serve.traffic import choose_revision
+
+logger = logging.getLogger("ray.serve")
+ENDPOINT_REFRESH_S = 5.0
 
 # Replicas share the machine's cores; one intra-op thread each avoids oversubscription.
 THREADS_PER_REPLICA = int(os.environ.get("EXPERTMESH_THREADS_PER_REPLICA", "1"))
@@ -91,10 +95,9 @@ class Engine:
         async with self._ready:
             if self.async_engine is None:
                 if self.expert_groups:
-                    pools = {}
-                    for group, handle in enumerate(self.expert_groups):
-                        pools[group] = list(await handle.broadcast("endpoint").results_async())
-                    self.engine.model.set_expert_backend(RemoteExpertBackend(self.partition, pools))
+                    self.backend = RemoteExpertBackend(self.partition, await self._expert_endpoints())
+                    self.engine.model.set_expert_backend(self.backend)
+                    self._refresher = asyncio.get_running_loop().create_task(self._refresh_endpoints())
                 self.async_engine = AsyncLLMEngine(self.engine)
         return self.async_engine
 

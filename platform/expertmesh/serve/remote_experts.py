@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 import zmq
 
-from expertmesh.errors import ExpertMeshError
+from expertmesh.errors import BackendUnavailableError
 from expertmesh.model.experts import ExpertBatch, ExpertPartition
 from expertmesh.serve.expert_transport import ExpertRequestHeader, frame_tensor, tensor_frame
 
 
-class ExpertPoolUnavailableError(ExpertMeshError):
+class ExpertPoolUnavailableError(BackendUnavailableError):
     """No replica of an expert group's pool answered."""
 
 
@@ -72,6 +73,30 @@ class RemoteExpertBackend:
         }
         self._ids = itertools.count()
         self.rows_sent_per_replica: dict[str, int] = {ep: 0 for eps in pools.values() for ep in eps}
+        self._pending: dict[int, list[str]] | None = None
+        self._pending_lock = threading.Lock()
+
+    def update_endpoints(self, pools: dict[int, list[str]]) -> None:
+        """New replica endpoints (Serve scaled or replaced replicas); applied before the next layer runs.
+
+        Thread-safe: the Serve replica's event loop calls it, the engine thread applies it.
+        """
+        with self._pending_lock:
+            self._pending = {g: list(eps) for g, eps in pools.items() if eps}
+
+    def _apply_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        for group, endpoints in (pending or {}).items():
+            if group not in self._pools:
+                continue
+            kept = {r.endpoint: r for r in self._pools[group]}
+            for endpoint, replica in kept.items():
+                if endpoint not in endpoints:
+                    replica.socket.close(linger=0)
+            self._pools[group] = [kept.get(ep) or _Replica(ep, self._connect(ep)) for ep in endpoints]
+            for ep in endpoints:
+                self.rows_sent_per_replica.setdefault(ep, 0)
 
     def _connect(self, endpoint: str) -> zmq.Socket:
         sock = self._context.socket(zmq.DEALER)
@@ -101,6 +126,8 @@ class RemoteExpertBackend:
         replica.socket.send_multipart(request.payload, copy=False)
 
     def run(self, layer: int, batch: ExpertBatch) -> torch.Tensor:
+        if self._pending is not None:
+            self._apply_pending()
         hidden_size = batch.hidden.shape[1]
         dtype = str(batch.hidden.dtype).removeprefix("torch.")
         in_flight: dict[int, _InFlight] = {}
