@@ -1,0 +1,267 @@
+"""The operator's whole decision, as a pure function.
+
+`reconcile(models, observed, rollout_states, now)` folds every `Model` into one Serve
+config (what the RayService's serveConfigV2 holds), one status per Model and the events
+to post. A Model whose spec is invalid keeps its previously deployed revisions (from its
+stored rollout state) and is marked Degraded; a new one is simply not deployed. The same
+inputs give identical outputs, so the I/O layer can compare and write nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from expertmesh.config import ExpertParallelSpec, ModelSpec, RevisionSpec, ServeConfig, default_groups
+from expertmesh.engine.config import EngineConfig
+from expertmesh.model.config import ModelConfig
+from expertmesh.serve.app import serve_deploy_config
+from expertmesh_operator.crd import (
+    Condition,
+    ModelResource,
+    ModelResourceSpec,
+    ModelResourceStatus,
+    RevisionRecord,
+    RevisionTraffic,
+    RolloutState,
+)
+from expertmesh_operator.events import Event
+from expertmesh_operator.rollout import AnalysisResult, advance, weights
+from expertmesh_operator.semantics import spec_problems
+
+
+class ObservedState(BaseModel):
+    """What the I/O layer read from the world this round."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    model_configs: dict[str, ModelConfig] = Field(default_factory=dict, description="checkpoint path ->")
+    analyses: dict[str, AnalysisResult] = Field(default_factory=dict, description="Model name -> canary")
+    replicas: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Model name -> Serve deployment -> replicas the autoscaler chose"
+    )
+    endpoint: str | None = None
+
+
+class ReconcileResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    serve_config_v2: dict[str, Any]
+    statuses: dict[str, ModelResourceStatus]
+    events: list[Event]
+
+
+def engine_deployment(model: str, revision: str) -> str:
+    return f"engine-{model}-{revision}"  # as expertmesh.serve.app.build_app names it
+
+
+def expert_deployment(model: str, revision: str, group: int) -> str:
+    return f"experts-{model}-{revision}-g{group}"
+
+
+def rfc3339(now: float) -> str:
+    return datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _revision_spec(record: RevisionRecord) -> RevisionSpec:
+    spec = record.spec
+    ep = spec.expert_parallel
+    return RevisionSpec(
+        name=record.name,
+        source=spec.source.path(),
+        dtype=spec.architecture.dtype,
+        engine_replicas=spec.engine_replicas,
+        expert_parallel=ExpertParallelSpec(
+            enabled=ep.enabled, groups=ep.groups, replicas_per_group=ep.replicas_per_group
+        ),
+        engine=EngineConfig(
+            max_num_seqs=spec.limits.max_num_seqs,
+            max_num_batched_tokens=spec.limits.max_batch_tokens,
+            max_model_len=spec.limits.max_context,
+        ),
+    )
+
+
+def _groups(spec: ModelResourceSpec, cfg: ModelConfig | None) -> int | None:
+    ep = spec.expert_parallel
+    if not ep.enabled:
+        return 0
+    if ep.groups is not None:
+        return ep.groups
+    if cfg is not None and cfg.moe is not None:
+        moge = cfg.moe.num_routing_groups if cfg.moe.routing == "moge" else None
+        return default_groups(cfg.moe.num_experts, moge)
+    return None  # unknown until the checkpoint is readable
+
+
+def _pools(
+    served: str, records: Sequence[RevisionRecord], observed: ObservedState, chosen: Mapping[str, int]
+) -> dict[str, int]:
+    """Serve deployment -> replicas, for every pool of every deployed revision."""
+    pools: dict[str, int] = {}
+    for record in records:
+        spec = record.spec
+        engine = engine_deployment(served, record.name)
+        pools[engine] = chosen.get(engine, spec.engine_replicas)
+        groups = _groups(spec, observed.model_configs.get(spec.source.path()))
+        for g in range(groups or 0):
+            pool = expert_deployment(served, record.name, g)
+            pools[pool] = chosen.get(pool, spec.expert_parallel.replicas_per_group)
+    return pools
+
+
+def _condition(
+    previous: ModelResourceStatus | None, type_: str, status: str, reason: str, message: str, now: float
+) -> Condition:
+    old = previous.condition(type_) if previous else None
+    # the transition time moves only when the status does, as Kubernetes conventions ask
+    since = old.last_transition_time if old is not None and old.status == status else rfc3339(now)
+    return Condition(
+        type=type_, status=status, reason=reason, message=message[:4096], last_transition_time=since
+    )
+
+
+def _status(
+    model: ModelResource,
+    state: RolloutState | None,
+    traffic: dict[str, int],
+    pools: dict[str, int],
+    problems: list[str],
+    observed: ObservedState,
+    now: float,
+) -> ModelResourceStatus:
+    prev = model.status
+    serving = bool(traffic)
+    if problems:
+        degraded = ("True", "InvalidSpec", "; ".join(problems))
+    elif state is not None and state.phase in ("RolledBack", "Aborted"):
+        reason = "CanaryAnalysisFailed" if state.phase == "RolledBack" else "RolloutAborted"
+        degraded = ("True", reason, state.message)
+    else:
+        degraded = ("False", "AsExpected", "")
+    progressing = state is not None and state.phase == "Progressing"
+    if serving:
+        ready = ("True", "Serving", f"revisions {', '.join(f'{k}={v}%' for k, v in traffic.items())}")
+    else:
+        ready = ("False", "NotDeployed", "nothing deployed: fix the spec problems in the Degraded condition")
+    conditions = [
+        _condition(prev, "Ready", *ready, now),
+        _condition(
+            prev,
+            "Progressing",
+            "True" if progressing else "False",
+            "CanaryInProgress" if progressing else "Settled",
+            state.message if progressing and state else "",
+            now,
+        ),  # fmt: skip
+        _condition(prev, "Degraded", *degraded, now),
+    ]
+    stable = state.stable.name if state is not None and state.stable is not None else None
+    return ModelResourceStatus(
+        conditions=conditions,
+        observed_generation=model.generation,
+        revisions=[RevisionTraffic(name=k, traffic=v) for k, v in traffic.items()],
+        replicas_per_pool=pools,
+        endpoint=observed.endpoint if serving else None,
+        ready=ready[0],
+        revision=stable,
+        traffic=",".join(f"{k}={v}" for k, v in traffic.items()) or None,
+        replicas=sum(pools.values()),
+        rollout=state,
+    )
+
+
+def _records(state: RolloutState | None) -> list[RevisionRecord]:
+    if state is None or state.stable is None:
+        return []
+    return [state.stable, state.canary] if state.phase == "Progressing" and state.canary else [state.stable]
+
+
+def reconcile(
+    models: Sequence[ModelResource],
+    observed: ObservedState,
+    rollout_states: Mapping[str, RolloutState | None],
+    now: float,
+) -> ReconcileResult:
+    model_specs: list[ModelSpec] = []
+    statuses: dict[str, ModelResourceStatus] = {}
+    events: list[Event] = []
+    overrides: dict[str, int] = {}
+    served_by: dict[str, str] = {}
+    for model in sorted(models, key=lambda m: m.name):
+        previous = rollout_states.get(model.name)
+        cfg = observed.model_configs.get(model.spec.source.path())
+        problems = spec_problems(model.spec, cfg)
+        if model.served_name in served_by:
+            problems.append(
+                f"servedName {model.served_name!r} is already served by Model {served_by[model.served_name]!r}"
+            )
+        model_events: list[Event] = []
+        if problems:
+            # freeze: the previously deployed revisions keep serving at their current weights
+            state = previous
+            records = _records(state)
+            traffic = weights(state, records[-1].spec) if state is not None and records else {}
+            was = model.status.condition("Degraded") if model.status else None
+            if was is None or was.reason != "InvalidSpec" or was.message != "; ".join(problems):
+                model_events.append(Event(type="Warning", reason="InvalidSpec", message="; ".join(problems)))
+        else:
+            state, traffic, model_events = advance(
+                previous, model.spec, observed.analyses.get(model.name), model.annotations, now
+            )
+            records = _records(state)
+        pools = _pools(model.served_name, records, observed, observed.replicas.get(model.name, {}))
+        if records:
+            try:
+                model_specs.append(
+                    ModelSpec(
+                        name=model.served_name,
+                        revisions=[_revision_spec(r) for r in records],
+                        traffic={r.name: traffic.get(r.name, 0) for r in records},
+                    )
+                )
+            except ValidationError as exc:
+                problems.append(f"cannot build the serve config: {exc.errors()[0]['msg']}")
+                model_events.append(Event(type="Warning", reason="InvalidSpec", message=problems[-1]))
+                traffic, pools = {}, {}
+            else:
+                served_by[model.served_name] = model.name
+                overrides.update(
+                    {p: n for p, n in pools.items() if p in observed.replicas.get(model.name, {})}
+                )
+        statuses[model.name] = _status(model, state, traffic, pools, problems, observed, now)
+        events.extend(e.model_copy(update={"model": model.name}) for e in model_events)
+
+    if not model_specs:
+        return ReconcileResult(serve_config_v2={"applications": []}, statuses=statuses, events=events)
+    config = serve_deploy_config(ServeConfig(models=model_specs))
+    # autoscaler decisions as per-deployment overrides: Serve changes replica counts in place
+    deployments = config["applications"][0]["deployments"]
+    deployments.extend({"name": name, "num_replicas": n} for name, n in sorted(overrides.items()))
+    return ReconcileResult(serve_config_v2=config, statuses=statuses, events=events)
+
+
+def rayservice_manifest(
+    name: str, namespace: str, serve_config_v2: dict[str, Any], ray_cluster_config: dict[str, Any]
+) -> dict[str, Any]:
+    """The KubeRay RayService object; serveConfigV2 is a YAML string, as KubeRay expects."""
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/managed-by": "expertmesh-operator",
+                "app.kubernetes.io/name": "expertmesh",
+            },
+        },
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config_v2, sort_keys=True),
+            "rayClusterConfig": ray_cluster_config,
+        },
+    }

@@ -1,0 +1,111 @@
+"""Checks on a Model spec that its OpenAPI schema cannot express.
+
+Each returns human-readable problems; an empty list means the spec can be deployed.
+The checkpoint's `ModelConfig` is passed in when the operator could read it, so the
+expert layout is checked against the real model, not a guess.
+"""
+
+from __future__ import annotations
+
+from expertmesh.model.config import ModelConfig
+from expertmesh_operator.crd import ModelResourceSpec
+
+
+def spec_problems(spec: ModelResourceSpec, model_config: ModelConfig | None = None) -> list[str]:
+    return [
+        *_replica_bounds(spec),
+        *_canary_steps(spec),
+        *_expert_layout(spec, model_config),
+        *_limits(spec, model_config),
+        *_autoscaling(spec),
+    ]
+
+
+def _replica_bounds(spec: ModelResourceSpec) -> list[str]:
+    problems = []
+    ep = spec.expert_parallel
+    if ep.min_replicas_per_group > ep.max_replicas_per_group:
+        problems.append(
+            f"expertParallel.minReplicasPerGroup ({ep.min_replicas_per_group}) is above "
+            f"maxReplicasPerGroup ({ep.max_replicas_per_group}); lower the min or raise the max"
+        )
+    elif not ep.min_replicas_per_group <= ep.replicas_per_group <= ep.max_replicas_per_group:
+        problems.append(
+            f"expertParallel.replicasPerGroup ({ep.replicas_per_group}) must be within "
+            f"[{ep.min_replicas_per_group}, {ep.max_replicas_per_group}]"
+        )
+    if spec.min_engine_replicas > spec.max_engine_replicas:
+        problems.append(
+            f"minEngineReplicas ({spec.min_engine_replicas}) is above maxEngineReplicas "
+            f"({spec.max_engine_replicas}); lower the min or raise the max"
+        )
+    elif not spec.min_engine_replicas <= spec.engine_replicas <= spec.max_engine_replicas:
+        problems.append(
+            f"engineReplicas ({spec.engine_replicas}) must be within "
+            f"[{spec.min_engine_replicas}, {spec.max_engine_replicas}]"
+        )
+    return problems
+
+
+def _canary_steps(spec: ModelResourceSpec) -> list[str]:
+    steps = spec.rollout.canary.steps
+    problems = []
+    if any(not 0 < s <= 100 for s in steps):
+        problems.append(f"rollout.canary.steps must be percentages in (0, 100], got {steps}")
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        problems.append(f"rollout.canary.steps must strictly increase, got {steps}")
+    if steps[-1] != 100:
+        problems.append(f"rollout.canary.steps must end at 100, got {steps}")
+    return problems
+
+
+def _expert_layout(spec: ModelResourceSpec, cfg: ModelConfig | None) -> list[str]:
+    ep = spec.expert_parallel
+    if not ep.enabled:
+        return []
+    if cfg is not None and cfg.moe is None:
+        return [f"expertParallel.enabled needs an MoE model; {spec.source.path()} is dense ({cfg.family})"]
+    num_experts = cfg.moe.num_experts if cfg is not None and cfg.moe else spec.architecture.num_experts
+    problems = []
+    if ep.groups is not None and num_experts is not None and num_experts % ep.groups:
+        problems.append(
+            f"expertParallel.groups ({ep.groups}) must divide num_experts ({num_experts}); "
+            f"try one of {[g for g in range(1, min(num_experts, 256) + 1) if num_experts % g == 0]}"
+        )
+    if cfg is not None and cfg.moe is not None and cfg.moe.routing == "moge" and ep.groups is not None:
+        moge = cfg.moe.num_routing_groups
+        if ep.groups != moge:
+            problems.append(
+                f"a MoGE model's expert groups are its {moge} routing groups; "
+                f"set expertParallel.groups to {moge} or leave it out"
+            )
+    return problems
+
+
+def _limits(spec: ModelResourceSpec, cfg: ModelConfig | None) -> list[str]:
+    problems = []
+    lim = spec.limits
+    if lim.max_batch_tokens < lim.max_num_seqs:
+        problems.append(
+            f"limits.maxBatchTokens ({lim.max_batch_tokens}) must be at least limits.maxNumSeqs "
+            f"({lim.max_num_seqs}) so every running sequence can decode each step"
+        )
+    if cfg is not None and lim.max_context is not None and lim.max_context > cfg.max_position_embeddings:
+        problems.append(
+            f"limits.maxContext ({lim.max_context}) exceeds the model's max_position_embeddings "
+            f"({cfg.max_position_embeddings})"
+        )
+    return problems
+
+
+def _autoscaling(spec: ModelResourceSpec) -> list[str]:
+    a = spec.autoscaling
+    signals = (
+        a.queue_depth_per_replica,
+        a.ongoing_requests_per_replica,
+        a.tokens_per_second_per_replica,
+        a.tpot_p95_seconds,
+    )
+    if a.enabled and all(s is None for s in signals):
+        return ["autoscaling.enabled needs at least one target (queueDepthPerReplica, ...) or enabled: false"]
+    return []
