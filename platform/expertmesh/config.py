@@ -46,6 +46,7 @@ class RevisionSpec(BaseModel):
     source: str = Field(..., min_length=1, description="checkpoint directory (HF layout)")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     engine_replicas: int = Field(1, ge=1, le=64)
+    engine_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads of each engine replica")
     expert_parallel: ExpertParallelSpec = Field(default_factory=ExpertParallelSpec)
     engine: EngineConfig = Field(default_factory=EngineConfig)
 

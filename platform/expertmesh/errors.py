@@ -43,3 +43,18 @@ class ModelNotFoundError(ExpertMeshError, LookupError):
     def for_model(cls, name: str, available: list[str]) -> ModelNotFoundError:
         served = ", ".join(repr(n) for n in available) or "none"
         return cls(f"model {name!r} is not served here; available models: {served}")
+
+
+def remote_cause(exc: BaseException) -> BaseException:
+    """The original error behind a Ray RayTaskError (raised in another replica).
+
+    Ray re-raises it as a subclass of the original class whose str() is the remote traceback;
+    clients get the cause's message, never that traceback.
+    """
+    try:
+        from ray.exceptions import RayTaskError
+    except ImportError:  # no Ray in this process: nothing to unwrap
+        return exc
+    while isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException) and exc.cause is not exc:
+        exc = exc.cause
+    return exc

@@ -86,6 +86,7 @@ def test_a_replica_killed_mid_run_fails_over_and_output_is_unchanged(tiny_checkp
         ]
         served_before = [pool[1].requests_served for pool in servers.values()]
         assert all(n > 0 for n in served_before)  # the survivors took over
+        assert all(pool[0].requests_served > 0 for pool in servers.values())  # both shared before the kill
         backend.close()
     finally:
         close_all(servers)
@@ -97,6 +98,9 @@ def test_pick_replica_least_outstanding_and_skips_down_or_tried():
     assert pick_replica([5, 2, 7], [0, 0, 0], now=10, exclude={1, 0}) == 2
     assert pick_replica([1, 1], [0, 0], now=10, exclude=set()) == 0  # ties: lowest index
     assert pick_replica([1], [20], now=10, exclude=set()) is None
+    assert (
+        pick_replica([0, 0, 0], [0, 0, 0], now=10, exclude=set(), sent=[90, 30, 60]) == 1
+    )  # fewest rows so far
 
 
 def test_a_dead_pool_fails_only_that_steps_requests_and_the_engine_recovers(tiny_checkpoint):

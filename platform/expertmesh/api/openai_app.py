@@ -68,7 +68,7 @@ from expertmesh.engine.async_engine import EngineDeadError
 from expertmesh.engine.llm_engine import QueueFullError
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
-from expertmesh.errors import BackendUnavailableError, InvalidRequestError, ModelNotFoundError
+from expertmesh.errors import BackendUnavailableError, InvalidRequestError, ModelNotFoundError, remote_cause
 
 logger = logging.getLogger(__name__)
 
@@ -408,6 +408,7 @@ class EventStreamResponse(StreamingResponse):
 
 def _as_openai_error(exc: BaseException, prompt_param: str | None) -> OpenAIError:
     """Map what the engine side raises to the status and shape a client expects."""
+    exc = remote_cause(exc)
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, ModelNotFoundError):

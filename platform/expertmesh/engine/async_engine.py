@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
 from expertmesh.errors import BackendUnavailableError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
 
 _ABORTED = object()  # put on a stream's queue by abort(): the stream ends
 
@@ -19,8 +22,10 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[list[RequestOutput]], None] | None = None):
         self.engine = engine
+        # Called on the engine thread after each step's outputs are handed out (metrics); keep it cheap.
+        self._on_step = on_step
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopping = False
@@ -103,3 +108,8 @@ class AsyncLLMEngine:
                 return
             for out in outputs:
                 self._send(out.request_id, out)
+            if self._on_step is not None:
+                try:
+                    self._on_step(outputs)
+                except Exception:  # an observer must never stop the engine
+                    logger.exception("on_step callback failed")

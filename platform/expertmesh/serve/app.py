@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 from ray import serve
+from ray.serve.config import gRPCOptions
 from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.config import ServeConfig, traffic_table
 from expertmesh.serve.deployments import Engine, ExpertGroup, Router, partition_for
 
 APP_NAME = "expertmesh"
+
+# The services Serve's gRPC proxy hosts. For each call the proxy invokes the ingress (Router) method
+# named after the RPC; see expertmesh.api.grpc_service.
+GRPC_SERVICER_FUNCTIONS = (
+    "expertmesh.api.pb.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
+    "expertmesh.api.pb.generation_pb2_grpc.add_GenerationServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+)
+
+
+def grpc_options(port: int = 9000, request_timeout_s: float | None = None) -> gRPCOptions:
+    """Options for Serve's gRPC proxy: ``serve.start(grpc_options=grpc_options(port))``.
+
+    The proxy listens on all interfaces at ``port``, hosts the OIP v2, Generation and health
+    services, and answers gRPC server reflection for them. Proxy options are fixed when Serve
+    starts; a running Serve keeps the ones it started with.
+    """
+    return gRPCOptions(
+        port=port,
+        grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS),
+        request_timeout_s=request_timeout_s,
+        enable_reflection=True,
+    )
 
 
 def build_app(config: ServeConfig) -> serve.Application:
@@ -23,11 +47,11 @@ def build_app(config: ServeConfig) -> serve.Application:
                 groups = [
                     ExpertGroup.options(
                         name=f"experts-{base}-g{g}", num_replicas=rev.expert_parallel.replicas_per_group
-                    ).bind(spec, g)
+                    ).bind(spec, g, model=model.name)
                     for g in range(partition_for(rev).num_groups)
                 ]
             engine = Engine.options(name=f"engine-{base}", num_replicas=rev.engine_replicas)
-            engines[model.name][rev.name] = engine.bind(spec, groups)
+            engines[model.name][rev.name] = engine.bind(spec, groups, model=model.name)
     # the first revision of each model describes it to the API (context length, chat template)
     described = {model.name: model.revisions[0].model_dump() for model in config.models}
     router = Router.options(user_config={"traffic": traffic_table(config)})
@@ -50,6 +74,8 @@ def serve_deploy_config(config: ServeConfig) -> dict:
     for model in args["models"]:
         model["traffic"] = None
     return {
+        # Read when this config starts Serve (a RayService's serveConfigV2, `serve deploy`).
+        "grpc_options": grpc_options(config.grpc_port).model_dump(exclude_unset=True),
         "applications": [
             {
                 "name": APP_NAME,
@@ -58,7 +84,7 @@ def serve_deploy_config(config: ServeConfig) -> dict:
                 "args": {"config": args},
                 "deployments": [{"name": "Router", "user_config": {"traffic": traffic_table(config)}}],
             }
-        ]
+        ],
     }
 
 

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 
 from expertmesh.api.chat_template import ChatTemplate
 from expertmesh.api.engine_client import ModelInfo
+from expertmesh.api.grpc_service import GrpcServicesMixin
 from expertmesh.api.openai_app import build_openai_app
 from expertmesh.config import RevisionSpec, default_groups
 from expertmesh.engine.async_engine import AsyncLLMEngine
@@ -35,14 +36,15 @@ from expertmesh.errors import ExpertMeshError, ModelNotFoundError
 from expertmesh.model.experts import ExpertPartition
 from expertmesh.model.loader import load_config, load_expert_group
 from expertmesh.serve.expert_transport import ExpertGroupServer
+from expertmesh.serve.metrics import EngineMetrics, expert_pool, mark_replica_up
 from expertmesh.serve.remote_experts import RemoteExpertBackend
 from expertmesh.serve.traffic import choose_revision
 
 logger = logging.getLogger("ray.serve")
 ENDPOINT_REFRESH_S = 5.0
 
-# Replicas share the machine's cores; one intra-op thread each avoids oversubscription.
-THREADS_PER_REPLICA = int(os.environ.get("EXPERTMESH_THREADS_PER_REPLICA", "1"))
+# Expert replicas of all pools share the machine's cores: one intra-op thread each.
+EXPERT_THREADS = int(os.environ.get("EXPERTMESH_EXPERT_THREADS", "1"))
 
 
 def partition_for(spec: RevisionSpec) -> ExpertPartition:
@@ -60,14 +62,15 @@ def partition_for(spec: RevisionSpec) -> ExpertPartition:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class ExpertGroup:
-    def __init__(self, revision: dict, group: int):
-        torch.set_num_threads(THREADS_PER_REPLICA)
+    def __init__(self, revision: dict, group: int, model: str = "unnamed"):
+        torch.set_num_threads(EXPERT_THREADS)
         spec = RevisionSpec.model_validate(revision)
         partition = partition_for(spec)
         self.server = ExpertGroupServer(
             load_expert_group(spec.source, group, partition.num_groups, spec.dtype),
             host=ray.util.get_node_ip_address(),
         )
+        self._up = mark_replica_up(model, spec.name, expert_pool(group))  # metrics: replicas per pool
 
     def endpoint(self) -> str:
         return self.server.endpoint
@@ -79,9 +82,11 @@ class ExpertGroup:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 class Engine:
-    def __init__(self, revision: dict, expert_groups: list[DeploymentHandle] | None = None):
-        torch.set_num_threads(THREADS_PER_REPLICA)
+    def __init__(
+        self, revision: dict, expert_groups: list[DeploymentHandle] | None = None, model: str = "unnamed"
+    ):
         spec = RevisionSpec.model_validate(revision)
+        torch.set_num_threads(spec.engine_threads)
         self.expert_groups = expert_groups
         self.partition = partition_for(spec) if expert_groups else None
         self.engine = LLMEngine.from_checkpoint(
@@ -89,6 +94,9 @@ class Engine:
         )
         self.async_engine: AsyncLLMEngine | None = None
         self._ready = asyncio.Lock()
+        # metrics: the groups are the pools, or (colocated) the MoGE groups / default top-k split
+        groups = self.partition or (partition_for(spec) if self.engine.model.config.moe else None)
+        self.metrics = EngineMetrics(model, spec.name, self.engine, groups, disaggregated=bool(expert_groups))
 
     async def _start(self) -> AsyncLLMEngine:
         # Expert endpoints are known only once the pools' replicas are up: ask them on first use.
@@ -97,13 +105,34 @@ class Engine:
                 if self.expert_groups:
                     self.backend = RemoteExpertBackend(self.partition, await self._expert_endpoints())
                     self.engine.model.set_expert_backend(self.backend)
+                    self.metrics.watch_expert_backend(self.backend)
                     self._refresher = asyncio.get_running_loop().create_task(self._refresh_endpoints())
-                self.async_engine = AsyncLLMEngine(self.engine)
+                self.async_engine = AsyncLLMEngine(self.engine, on_step=self.metrics.after_step)
         return self.async_engine
+
+    async def _expert_endpoints(self) -> dict[int, list[str]]:
+        return {
+            group: list(await handle.broadcast("endpoint").results_async())
+            for group, handle in enumerate(self.expert_groups)
+        }
+
+    async def _refresh_endpoints(self) -> None:
+        # Serve replaces dead replicas and scales pools; their endpoints change. Poll, cheaply.
+        while True:
+            await asyncio.sleep(ENDPOINT_REFRESH_S)
+            try:
+                self.backend.update_endpoints(await self._expert_endpoints())
+            except Exception:  # a pool mid-restart: keep the old endpoints, try again later
+                logger.warning("could not refresh expert endpoints", exc_info=True)
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams | dict, request_id: str | None = None
     ):
+        # metrics: outcome, time to first token, time per output token of every request
+        async for out in self.metrics.track(self._generate(prompt, params, request_id)):
+            yield out
+
+    async def _generate(self, prompt, params, request_id):
         engine = await self._start()
         params = params if isinstance(params, SamplingParams) else SamplingParams(**params)
         async for out in engine.generate(prompt, params, request_id):
@@ -115,7 +144,7 @@ class Engine:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress()
-class Router:
+class Router(GrpcServicesMixin):
     """Ingress: model by name, revision by traffic weight (user_config), then Serve's least-loaded replica.
 
     It is the OpenAI HTTP API's EngineClient, and its methods are callable through a handle.

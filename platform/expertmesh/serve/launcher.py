@@ -8,6 +8,8 @@ from pathlib import Path
 
 from expertmesh.config import ExpertParallelSpec, ModelSpec, RevisionSpec, ServeConfig
 
+METRICS_PORT = 8080
+
 
 def single_model_config(
     model: Path, name: str | None, expert_parallel: int, dtype: str, api_key: str | None, http_port: int
@@ -36,6 +38,8 @@ def usage_text(config: ServeConfig, host: str) -> str:
 expertmesh is serving {", ".join(m.name for m in config.models)}
   OpenAI HTTP   {base}/v1
   health        {base}/health
+  gRPC          {host}:{config.grpc_port}   (KServe OIP v2 inference.GRPCInferenceService, expertmesh.v1.Generation; reflection on)
+  metrics       http://{host}:{METRICS_PORT}/metrics   (Prometheus: deployments/prometheus/prometheus.yml)
 
 curl:
   curl -s {base}/v1/completions -H 'Content-Type: application/json'{auth} \\
@@ -48,6 +52,12 @@ python (pip install openai):
   client = openai.OpenAI(base_url="{base}/v1", api_key={key})
   print(client.completions.create(model="{model}", prompt="import os", max_tokens=32).choices[0].text)
 
+gRPC from Python (tritonclient[grpc]):
+  import numpy as np, tritonclient.grpc as g
+  c = g.InferenceServerClient("{host}:{config.grpc_port}")
+  x = g.InferInput("text_input", [1], "BYTES"); x.set_data_from_numpy(np.array([b"def main():"], dtype=object))
+  print(c.infer("{model}", [x]).as_numpy("text_output"))
+
 stream from the command line:
   .venv/bin/expertmesh generate --url {base} --model {model} "def main():"
 
@@ -59,11 +69,14 @@ def serve_forever(config: ServeConfig, host: str = "127.0.0.1") -> None:
     import ray
     from ray import serve
 
-    from expertmesh.serve.app import deploy
+    from expertmesh.serve.app import deploy, grpc_options
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # a fixed metrics port, so deployments/prometheus/prometheus.yml can scrape it
+    ray.init(include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     try:
-        serve.start(http_options={"host": host, "port": config.http_port})
+        serve.start(
+            http_options={"host": host, "port": config.http_port}, grpc_options=grpc_options(config.grpc_port)
+        )
         print(f"deploying {len(config.models)} model(s); the first start loads the weights...", flush=True)
         deploy(config)
         print(usage_text(config, host), flush=True)

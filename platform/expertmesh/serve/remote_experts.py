@@ -28,11 +28,20 @@ class ExpertPoolUnavailableError(BackendUnavailableError):
 
 
 def pick_replica(
-    outstanding: list[int], down_until: list[float], now: float, exclude: set[int]
+    outstanding: list[int],
+    down_until: list[float],
+    now: float,
+    exclude: set[int],
+    sent: list[int] | None = None,
 ) -> int | None:
-    """Least outstanding work among replicas that are up (pure): the replica index, or None."""
+    """Least outstanding work among replicas that are up (pure): the replica index, or None.
+
+    Ties (common: an engine waits for each layer's replies before sending the next) go to the
+    replica that has been sent the fewest rows so far, so a pool's replicas share the load.
+    """
     candidates = [i for i in range(len(outstanding)) if down_until[i] <= now and i not in exclude]
-    return min(candidates, key=lambda i: (outstanding[i], i)) if candidates else None
+    sent = sent or [0] * len(outstanding)
+    return min(candidates, key=lambda i: (outstanding[i], sent[i], i)) if candidates else None
 
 
 @dataclass
@@ -112,7 +121,13 @@ class RemoteExpertBackend:
 
     def _send(self, request: _InFlight, now: float) -> None:
         pool = self._pools[request.group]
-        choice = pick_replica([r.outstanding for r in pool], [r.down_until for r in pool], now, request.tried)
+        choice = pick_replica(
+            [r.outstanding for r in pool],
+            [r.down_until for r in pool],
+            now,
+            request.tried,
+            [self.rows_sent_per_replica[r.endpoint] for r in pool],
+        )
         if choice is None:
             raise ExpertPoolUnavailableError(
                 f"expert group {request.group}: none of its {len(pool)} replicas answered "
@@ -182,6 +197,10 @@ class RemoteExpertBackend:
         self._reset(replica)
         poller.register(replica.socket, zmq.POLLIN)
         self._send(request, time.monotonic())
+
+    def endpoints(self) -> dict[int, list[str]]:
+        """Each group's replica endpoints now (for metrics; safe from another thread)."""
+        return {group: [r.endpoint for r in pool] for group, pool in list(self._pools.items())}
 
     def close(self) -> None:
         for pool in self._pools.values():

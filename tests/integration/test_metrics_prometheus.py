@@ -1,0 +1,350 @@
+"""expertmesh_* metrics end to end: a real Ray + Serve app, Debian's Prometheus scraping Ray's port.
+
+Ray exports every process's metrics on the node's metrics export port, which the test picks
+(`ray.init(_metrics_export_port=...)`), with a 1 s report interval instead of 10 s. Prometheus
+runs as a plain process on 127.0.0.1 with deployments/prometheus/prometheus.yml (its target and
+intervals changed for the test) and its rules, and is stopped after. Also here: promtool checks
+of the shipped config and rules, and the Grafana dashboard's queries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray import serve
+
+from expertmesh.config import ServeConfig
+from expertmesh.model.loader import load_config
+from expertmesh.serve.app import APP_NAME, deploy
+from expertmesh.serve.metrics import SERIES, metrics_endpoints, stored_series_names
+
+ROOT = Path(__file__).resolve().parents[2]
+PROM_DIR = ROOT / "deployments" / "prometheus"
+RULE_FILES = [PROM_DIR / "rules" / "recording.yml", PROM_DIR / "rules" / "alerts.yml"]
+DASHBOARD = ROOT / "deployments" / "grafana" / "expertmesh-dashboard.json"
+MODEL = "pangu"
+PROMPTS = ["def main():", "import os\nimport sys", "class Pool:"]
+MAX_TOKENS = 8
+NAME = re.compile(r"\bexpertmesh[_:][a-zA-Z0-9_:]*")
+
+
+def binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} not installed: `make test` installs Debian's prometheus package")
+        pytest.skip(f"{name} not installed (apt-get install prometheus; `make test` does it as root)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recording_rules() -> dict[str, str]:
+    return {
+        rule["record"]: rule["expr"]
+        for path in RULE_FILES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
+
+
+def rule_exprs() -> list[str]:
+    return [
+        rule["expr"]
+        for path in RULE_FILES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def as_promql(expr: str) -> str:
+    """A dashboard expression with Grafana's variables filled in, as Prometheus would get it."""
+    expr = re.sub(r"label_values\((.*), *\w+\)$", r"\1", expr)  # templating: its series selector
+    return expr.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$revision", ".*")
+
+
+# ---- the shipped files --------------------------------------------------------------
+
+
+def test_promtool_accepts_the_config_and_rules():
+    promtool = binary("promtool")
+    subprocess.run([promtool, "check", "config", str(PROM_DIR / "prometheus.yml")], check=True)
+    subprocess.run([promtool, "check", "rules", *map(str, RULE_FILES)], check=True)
+    # the alerts' own unit tests: top-k imbalance fires, MoGE does not, error ratio, queue
+    subprocess.run([promtool, "test", "rules", str(PROM_DIR / "tests" / "rules_test.yml")], check=True)
+
+
+def test_rules_and_dashboard_use_only_series_that_exist(tmp_path):
+    known = stored_series_names() | set(recording_rules())
+    used: set[str] = set()
+    for expr in rule_exprs() + dashboard_exprs():
+        names = set(NAME.findall(expr))
+        assert names, f"expression uses no expertmesh series: {expr}"
+        assert names <= known, f"unknown series {sorted(names - known)} in: {expr}"
+        used |= names
+    for s in SERIES:  # every exported series is used by a rule or a panel
+        assert any(u.startswith(s.name) for u in used), f"{s.name} is exported but nothing uses it"
+    # promtool parses each dashboard query, as a recording rule
+    checks = {"groups": [{"name": "dashboard", "rules": []}]}
+    for i, expr in enumerate(dashboard_exprs()):
+        checks["groups"][0]["rules"].append({"record": f"dashboard:query_{i}", "expr": as_promql(expr)})
+    path = tmp_path / "dashboard_queries.yml"
+    path.write_text(yaml.safe_dump(checks))
+    subprocess.run([binary("promtool"), "check", "rules", str(path)], check=True)
+
+
+def test_dashboard_is_grafana_json():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "expertmesh" and dash["panels"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dash["panels"]:
+        if panel["type"] != "row":
+            assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "model", "revision"}
+
+
+def test_podmonitor_renames_like_the_scrape_config():
+    scrape = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())["scrape_configs"][0]
+    monitor = yaml.safe_load((PROM_DIR / "podmonitor.yaml").read_text())
+    (relabel,) = monitor["spec"]["podMetricsEndpoints"][0]["metricRelabelings"]
+    (want,) = scrape["metric_relabel_configs"]
+    assert (relabel["regex"], relabel["replacement"], relabel["targetLabel"]) == (
+        want["regex"],
+        want["replacement"],
+        want["target_label"],
+    )
+
+
+# ---- live: Ray, Serve, Prometheus ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_metrics_port():
+    port = free_port()
+    ray.init(
+        address="local",  # a fresh instance, never another session's cluster on this machine
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=port,
+        _system_config={"metrics_report_interval_ms": 1000},  # Ray's default is 10 s
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    assert [url.rsplit(":", 1)[1] for url in metrics_endpoints()] == [f"{port}/metrics"]
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prometheus(ray_metrics_port, tmp_path_factory):
+    prom = binary("prometheus")
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(p) for p in RULE_FILES]
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{ray_metrics_port}"]}]
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (workdir / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [
+            prom,
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"prometheus exited with {proc.returncode}: {(workdir / 'prometheus.log').read_text()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("prometheus was not ready within 30 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def served(prometheus, pangu_tiny):
+    config = ServeConfig.parse(
+        {
+            "models": [
+                {
+                    "name": MODEL,
+                    "revisions": [{"source": str(pangu_tiny), "expert_parallel": {"enabled": True}}],
+                }
+            ]
+        }
+    )
+    deploy(config)
+    handle = serve.get_app_handle(APP_NAME)
+    finals = []
+    for i, prompt in enumerate(PROMPTS):
+        stream = handle.options(stream=True, method_name="generate").remote(
+            MODEL, prompt, dict(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        )
+        finals.append(list(stream)[-1])
+        if i == 0:
+            # Let Prometheus see the counters before the rest: rate() needs an increase after a
+            # series' first sample, else the rate rules answer 0 (and their ratios NaN).
+            poll(lambda: query(prometheus, f'expertmesh_expert_group_tokens_total{{model="{MODEL}"}}'))
+    with pytest.raises(Exception, match="max_tokens"):  # refused at the engine: outcome "rejected"
+        list(handle.options(stream=True, method_name="generate").remote(MODEL, "x", dict(max_tokens=0)))
+    return finals
+
+
+def query(url: str, promql: str) -> list[dict]:
+    with urllib.request.urlopen(
+        f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}", timeout=10
+    ) as r:
+        body = json.loads(r.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def values(url: str, promql: str, by: str) -> dict[str, float]:
+    return {r["metric"].get(by, ""): float(r["value"][1]) for r in query(url, promql)}
+
+
+def poll(check, timeout: float = 60.0):
+    """Call check() until it returns truthy without an AssertionError, at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            assert result is None or result, "not yet"
+            return result
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_prometheus_scrapes_expertmesh_series_with_their_labels(prometheus, served, pangu_tiny):
+    generated = sum(len(f.outputs[0].token_ids) for f in served)
+    prompt_tokens = sum(len(f.prompt_token_ids) for f in served)
+    assert generated == MAX_TOKENS * len(PROMPTS)
+    cfg = load_config(pangu_tiny)
+    groups = cfg.moe.num_routing_groups
+    pools = [f"experts-g{g}" for g in range(groups)]
+    moe_layers = cfg.num_layers  # every layer of the tiny pangu is a MoE layer
+    # MoGE: every token fed to the model takes one expert of each group, in every MoE layer;
+    # a request's last token is sampled but never fed back.
+    fed = prompt_tokens + generated - len(PROMPTS)
+    sel = f'model="{MODEL}",revision="v1"'
+
+    def engine_series_arrived():
+        assert values(prometheus, f"sum(expertmesh_generation_tokens_total{{{sel}}})", "") == {"": generated}
+        assert values(prometheus, f"sum(expertmesh_prompt_tokens_total{{{sel}}})", "") == {"": prompt_tokens}
+        assert values(
+            prometheus, f'sum by (outcome) (expertmesh_requests_total{{{sel},pool="engine"}})', "outcome"
+        ) == {"length": len(PROMPTS), "rejected": 1}
+        tokens = values(prometheus, f"sum by (pool) (expertmesh_expert_group_tokens_total{{{sel}}})", "pool")
+        assert tokens == {pool: fed * moe_layers for pool in pools}  # equal across groups: MoGE
+        rows = values(prometheus, f"sum by (pool) (expertmesh_expert_replica_rows_total{{{sel}}})", "pool")
+        assert rows == tokens  # one replica per pool got all of its group's rows
+
+    poll(engine_series_arrived)
+
+    (series,) = query(prometheus, f"expertmesh_generation_tokens_total{{{sel}}}")
+    labels = series["metric"]
+    assert (labels["model"], labels["revision"], labels["pool"]) == (MODEL, "v1", "engine")
+    assert labels["application"] == APP_NAME and labels["deployment"] == f"engine-{MODEL}-v1"
+    assert not query(prometheus, '{__name__=~"ray_expertmesh_.*"}')  # the scrape config renamed them
+
+    imbalance = values(prometheus, f"expertmesh_expert_group_imbalance{{{sel}}}", "layer")
+    assert imbalance == {str(layer): 1.0 for layer in range(moe_layers)}
+    assert values(prometheus, f"expertmesh_pool_replica_imbalance{{{sel}}}", "pool") == dict.fromkeys(
+        pools, 1.0
+    )
+    experts = values(prometheus, f"sum by (expert) (expertmesh_expert_tokens_total{{{sel}}})", "expert")
+    assert sum(experts.values()) == fed * moe_layers * groups
+    assert set(experts) <= {str(e) for e in range(cfg.moe.num_experts)}
+    ttft = values(prometheus, f"sum(expertmesh_time_to_first_token_seconds_count{{{sel}}})", "")
+    tpot = values(prometheus, f"sum(expertmesh_time_per_output_token_seconds_count{{{sel}}})", "")
+    assert ttft == tpot == {"": len(PROMPTS)}
+    idle = {"expertmesh_batch_size": 0, "expertmesh_queue_depth": 0, "expertmesh_kv_cache_usage_ratio": 0}
+    for name, want in idle.items():
+        poll(lambda name=name, want=want: values(prometheus, f"{name}{{{sel}}}", "pool") == {"engine": want})
+    (info,) = query(prometheus, f"expertmesh_model_info{{{sel}}}")
+    assert {k: info["metric"][k] for k in ("routing", "groups", "mode")} == {
+        "routing": "moge",
+        "groups": str(groups),
+        "mode": "disaggregated",
+    }
+
+
+def test_recording_rules_alerts_and_dashboard_queries_evaluate(prometheus, served):
+    sel = f'model="{MODEL}",revision="v1"'
+
+    def rules_evaluated():
+        replicas = values(prometheus, f"expertmesh:pool_replicas:sum{{{sel}}}", "pool")
+        assert replicas == {"engine": 1.0, **{f"experts-g{g}": 1.0 for g in range(4)}}
+        assert values(prometheus, f"expertmesh:expert_group_imbalance:rate5m{{{sel}}}", "") == {
+            "": pytest.approx(1.0)
+        }
+        assert values(prometheus, f"expertmesh:expert_group_imbalance:max_layer{{{sel}}}", "") == {"": 1.0}
+
+    poll(rules_evaluated)
+    with urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=10) as r:
+        groups = json.loads(r.read())["data"]["groups"]
+    rules = [rule for g in groups for rule in g["rules"]]
+    assert len(rules) == len(rule_exprs())
+    assert all(rule["health"] == "ok" for rule in rules), [r for r in rules if r["health"] != "ok"]
+    # A healthy MoGE deployment: balanced groups and replicas, no errors. (Latency alerts depend
+    # on how busy this machine is, so they are not asserted.)
+    quiet = {"ExpertmeshMoGEBalanceBroken", "ExpertmeshExpertGroupImbalance", "ExpertmeshRequestErrors"}
+    quiet |= {"ExpertmeshPoolReplicaImbalance", "ExpertmeshQueueSaturated", "ExpertmeshKVCacheFull"}
+    states = {r["name"]: r["state"] for r in rules if r["type"] == "alerting"}
+    assert quiet <= set(states)
+    assert {name: states[name] for name in quiet} == dict.fromkeys(quiet, "inactive")
+    answered = [expr for expr in dashboard_exprs() if query(prometheus, as_promql(expr))]
+    assert len(answered) >= len(dashboard_exprs()) // 2, "most dashboard panels should show data"
