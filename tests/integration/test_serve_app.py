@@ -1,6 +1,10 @@
 """The Serve application on a real in-process Ray: colocated and disaggregated give the same tokens."""
 
+import os
+import signal
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -35,12 +39,14 @@ def ray_serve():
 EXAMPLES = Path(__file__).resolve().parents[2] / "deployments" / "serve"
 
 
-def example_model(file: str, name: str, source: Path) -> dict:
+def example_model(file: str, name: str, source: Path, replicas_per_group: int | None = None) -> dict:
     """A model of an example config (deployments/serve/), pointed at the tiny checkpoint."""
     (model,) = ServeConfig.from_yaml(EXAMPLES / file).model_dump(mode="json")["models"]
     model["name"] = name
     for revision in model["revisions"]:
         revision["source"] = str(source)
+        if replicas_per_group:
+            revision["expert_parallel"]["replicas_per_group"] = replicas_per_group
     return model
 
 
@@ -50,7 +56,7 @@ def app(ray_serve, pangu_tiny):
         {
             "models": [
                 example_model("colocated.yaml", "colocated", pangu_tiny),
-                example_model("disaggregated.yaml", "disaggregated", pangu_tiny),
+                example_model("disaggregated.yaml", "disaggregated", pangu_tiny, replicas_per_group=2),
                 {
                     "name": "two-revisions",
                     "revisions": [
@@ -135,3 +141,61 @@ def test_openai_client_through_the_serve_http_proxy(app, pangu_tiny):
         assert streamed == offline[0].outputs[0].text
     with pytest.raises(openai.NotFoundError, match="'nope' is not served"):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_killing_an_expert_replica_under_load_loses_no_request_and_the_pool_recovers(app, pangu_tiny):
+    # Runs last in this module: it kills a replica process (Serve replaces it).
+    _, handle, _ = app
+    params = dict(max_tokens=200, temperature=0, ignore_eos=True)  # long enough to be mid-flight at the kill
+    want = LLM(pangu_tiny, show_progress=False).generate(PROMPTS, SamplingParams(**params), use_tqdm=False)
+    pool = serve.get_deployment_handle("experts-disaggregated-v1-g1", APP_NAME)
+    replicas = pool.broadcast("info").results()
+    assert len(replicas) == 2
+    streams = [
+        handle.options(stream=True, method_name="generate").remote("disaggregated", p, params)
+        for p in PROMPTS
+    ]
+    results: dict[int, object] = {}
+    first_tokens = threading.Event()
+
+    def drain(i, stream):
+        try:
+            outs = []
+            for out in stream:
+                outs.append(out)
+                first_tokens.set()
+            results[i] = outs[-1].outputs[0].token_ids
+        except Exception as exc:  # allowed outcome: a clear UNAVAILABLE-style failure
+            results[i] = exc
+
+    threads = [threading.Thread(target=drain, args=(i, s), daemon=True) for i, s in enumerate(streams)]
+    for t in threads:
+        t.start()
+    assert first_tokens.wait(timeout=60)  # requests are decoding: kill under load
+    victim = replicas[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a request hung after the replica died"
+    for i, result in results.items():
+        if isinstance(result, Exception):
+            assert "expert group 1" in str(result) or "unavailable" in str(result).lower()
+        else:
+            assert result == want[i].outputs[0].token_ids
+    assert sum(not isinstance(r, Exception) for r in results.values()) >= 1  # failover served requests
+    assert len(results) == len(PROMPTS)
+
+    # Serve starts a new replica; the pool is two replicas again and the engine uses it
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            now = pool.broadcast("info").results()
+        except ray.exceptions.RayError:  # the dead replica is still listed for a moment
+            now = []
+        if len(now) == 2 and victim not in {r["pid"] for r in now}:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the expert pool did not recover two replicas")
+    time.sleep(6)  # past the engine's endpoint refresh
+    assert generate(handle, "disaggregated", PROMPTS[0]) == want[0].outputs[0].token_ids[:10]

@@ -75,6 +75,13 @@ class ExpertGroup:
     def endpoint(self) -> str:
         return self.server.endpoint
 
+    def info(self) -> dict:
+        return {
+            "endpoint": self.server.endpoint,
+            "pid": os.getpid(),
+            "requests_served": self.server.requests_served,
+        }
+
     def check_health(self) -> None:
         if not self.server._thread.is_alive():
             raise RuntimeError(f"expert server at {self.server.endpoint} stopped")
