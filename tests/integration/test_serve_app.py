@@ -58,6 +58,19 @@ def app(ray_serve, pangu_tiny):
                 example_model("colocated.yaml", "colocated", pangu_tiny),
                 example_model("disaggregated.yaml", "disaggregated", pangu_tiny, replicas_per_group=2),
                 {
+                    "name": "one-seat",  # one running request, one waiting: the third is refused
+                    "revisions": [
+                        {
+                            "source": str(pangu_tiny),
+                            "engine": {
+                                "max_num_seqs": 1,
+                                "max_num_batched_tokens": 16,
+                                "max_queued_requests": 1,
+                            },
+                        }
+                    ],
+                },
+                {
                     "name": "two-revisions",
                     "revisions": [
                         {"name": "v1", "source": str(pangu_tiny)},
@@ -99,7 +112,8 @@ def test_traffic_shift_is_a_reconfigure_not_a_restart(app):
     before = {rev: handle.engine_info.remote("two-revisions", rev).result()["pid"] for rev in ("v1", "v2")}
     assert {handle.revision_for.remote("two-revisions", d / 10).result() for d in range(10)} == {"v1"}
     shifted = config.model_copy(deep=True)
-    shifted.models[2].traffic = {"v1": 0, "v2": 100}
+    (two,) = [m for m in shifted.models if m.name == "two-revisions"]
+    two.traffic = {"v1": 0, "v2": 100}
     deploy(shifted)
     assert traffic_table(shifted)["two-revisions"] == {"v1": 0, "v2": 100}
     assert {handle.revision_for.remote("two-revisions", d / 10).result() for d in range(10)} == {"v2"}
@@ -117,7 +131,12 @@ def test_openai_client_through_the_serve_http_proxy(app, pangu_tiny):
     openai = pytest.importorskip("openai")
     _, _, url = app
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    assert sorted(m.id for m in client.models.list().data) == ["colocated", "disaggregated", "two-revisions"]
+    assert sorted(m.id for m in client.models.list().data) == [
+        "colocated",
+        "disaggregated",
+        "one-seat",
+        "two-revisions",
+    ]
     offline = LLM(pangu_tiny, show_progress=False).generate(
         PROMPTS[:1], SamplingParams(**GREEDY), use_tqdm=False
     )
@@ -141,6 +160,26 @@ def test_openai_client_through_the_serve_http_proxy(app, pangu_tiny):
         assert streamed == offline[0].outputs[0].text
     with pytest.raises(openai.NotFoundError, match="'nope' is not served"):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_a_full_queue_is_refused_at_once_with_429_through_serve(app):
+    openai = pytest.importorskip("openai")
+    _, handle, url = app
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    long = dict(max_tokens=1500, temperature=0, extra_body={"ignore_eos": True})
+    # fill the seat and the one queue place with streams that stay open
+    running = client.completions.create(model="one-seat", prompt="def a():", stream=True, **long)
+    next(iter(running))
+    queued = handle.options(stream=True, method_name="generate").remote(
+        "one-seat", "def b():", {"max_tokens": 4}
+    )
+    time.sleep(1)  # the queued request has reached the engine
+    start = time.monotonic()
+    with pytest.raises(openai.RateLimitError, match="max_queued_requests=1"):
+        client.completions.create(model="one-seat", prompt="def c():", max_tokens=4)
+    assert time.monotonic() - start < 10  # refused at once, not after the others
+    running.close()  # the client goes away: its request is aborted and the queued one runs
+    assert list(queued)[-1].finished
 
 
 def test_killing_an_expert_replica_under_load_loses_no_request_and_the_pool_recovers(app, pangu_tiny):
