@@ -50,6 +50,7 @@ class _Replica:
     socket: zmq.Socket
     outstanding: int = 0  # rows sent and not yet answered
     down_until: float = 0.0
+    failures: int = 0  # in a row; each one doubles the cool-down, an answer resets it
 
 
 @dataclass
@@ -182,6 +183,7 @@ class RemoteExpertBackend:
                 replica = self._pools[request.group][request.replica]
                 replica.outstanding = max(0, replica.outstanding - request.rows)
                 if header["ok"]:
+                    replica.failures = 0
                     results[request.group] = frame_tensor(body, dtype, (request.rows, hidden_size)).clone()
                     del in_flight[header["request_id"]]
                 else:
@@ -192,7 +194,9 @@ class RemoteExpertBackend:
 
     def _fail_over(self, request: _InFlight, poller: zmq.Poller) -> None:
         replica = self._pools[request.group][request.replica]
-        replica.down_until = time.monotonic() + self.cooldown_s
+        replica.failures += 1
+        # a replica that keeps failing (dead, not slow) is retried ever more rarely, up to a minute
+        replica.down_until = time.monotonic() + min(60.0, self.cooldown_s * 2 ** (replica.failures - 1))
         poller.unregister(replica.socket)
         self._reset(replica)
         poller.register(replica.socket, zmq.POLLIN)
