@@ -3,8 +3,10 @@
 Workload: the `small` pangu_pro_moe checkpoint (MoGE, 8 groups), 16 prompts x 64
 random tokens, 32 new tokens each, greedy, EOS ignored, all requests at once.
 
-- `served/in-process`: the same workload over the OpenAI HTTP API through Ray
-  Serve (router -> engine), against the in-process `LLM` engine.
+- `served/in-process`: the same workload over gRPC (`expertmesh.v1.Generation`
+  streaming Generate) through Ray Serve's proxy (proxy -> router -> engine),
+  against the in-process `LLM` engine; `served-http/in-process` the same over
+  the OpenAI HTTP API.
 - `disaggregated/colocated`: served with one Serve pool per expert group
   (ZeroMQ data path) against served with experts inside the engine.
 - `moge-group-imbalance`: max/mean of the rows each expert group received over
@@ -28,7 +30,7 @@ from expertmesh import LLM, SamplingParams
 from expertmesh.config import ServeConfig
 from expertmesh.model.checkpoint_maker import make_checkpoint
 from expertmesh.model.experts import ColocatedExpertBackend, ExpertBatch, ExpertPartition
-from expertmesh.serve.app import deploy
+from expertmesh.serve.app import deploy, grpc_options
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "pangu_pro_moe-small"
@@ -73,6 +75,30 @@ def run_in_process(prompts: list[list[int]]) -> tuple[float, float]:
     return sum(o.num_output_tokens for o in outs) / elapsed, max(rows) / (sum(rows) / len(rows))
 
 
+async def run_served_grpc(target: str, model: str, prompts: list[list[int]]) -> float:
+    import grpc
+
+    from expertmesh.api.pb import generation_pb2 as gen
+    from expertmesh.api.pb import generation_pb2_grpc as gen_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = gen_grpc.GenerationStub(channel)
+        sampling = gen.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+
+        async def one(prompt: list[int]) -> int:
+            request = gen.GenerateRequest(model=model, token_ids=gen.TokenIds(ids=prompt), sampling=sampling)
+            tokens = 0
+            async for message in stub.Generate(request):
+                if message.HasField("delta"):
+                    tokens += len(message.delta.token_ids)
+            return tokens
+
+        await one(prompts[0][:8])  # warm-up
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
+        return tokens / (time.perf_counter() - start)
+
+
 async def run_served(base_url: str, model: str, prompts: list[list[int]]) -> float:
     import openai
 
@@ -100,7 +126,7 @@ def main() -> None:
     in_process, imbalance = run_in_process(prompts)
     print(f"in-process engine:        {in_process:8.1f} output tokens/s")
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     revision = {"source": str(CHECKPOINT), "dtype": "float32", "engine_threads": 2}  # as in-process
     config = ServeConfig.parse(
         {
@@ -112,17 +138,24 @@ def main() -> None:
     )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(grpc_port))
         deploy(config)
         url = f"http://127.0.0.1:{port}"
+        colocated_grpc = asyncio.run(run_served_grpc(f"127.0.0.1:{grpc_port}", "colocated", prompts))
+        print(
+            f"served, colocated, gRPC:  {colocated_grpc:8.1f} output tokens/s (streaming Generate through Ray Serve)"
+        )
         colocated = asyncio.run(run_served(url, "colocated", prompts))
-        print(f"served, colocated:        {colocated:8.1f} output tokens/s (HTTP through Ray Serve)")
+        print(f"served, colocated, HTTP:  {colocated:8.1f} output tokens/s (OpenAI API through Ray Serve)")
         disaggregated = asyncio.run(run_served(url, "disaggregated", prompts))
-        print(f"served, disaggregated:    {disaggregated:8.1f} output tokens/s (8 expert pools over ZeroMQ)")
+        print(
+            f"served, disaggregated, HTTP: {disaggregated:5.1f} output tokens/s (8 expert pools over ZeroMQ)"
+        )
         serve.shutdown()
     finally:
         ray.shutdown()
-    print(f"ratio served/in-process = {colocated / in_process:.2f}")
+    print(f"ratio served-http/in-process = {colocated / in_process:.2f}")
+    print(f"ratio served/in-process = {colocated_grpc / in_process:.2f}")
     print(f"ratio disaggregated/colocated = {disaggregated / colocated:.2f}")
     print(f"ratio moge-group-imbalance = {imbalance:.2f}")
 
