@@ -26,6 +26,7 @@ Engines (all on ``pangu_tiny``; the model and tokenizer are loaded once and shar
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,3 +118,15 @@ def greedy_reference(make_engine) -> Callable[[str | list[int], int], Completion
         return cache[key]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """``free_port() -> int``: an unused TCP port on 127.0.0.1, for servers the tests start."""
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

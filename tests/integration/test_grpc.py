@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -44,12 +43,6 @@ MAX_TOKENS = 10
 RPC_TIMEOUT = 60  # generous: other Ray sessions may share the machine's two cores
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_config(pangu_tiny) -> ServeConfig:
     one_seat_engine = {"max_num_seqs": 1, "max_num_batched_tokens": 64, "max_queued_requests": 1}
@@ -64,7 +57,7 @@ def app_config(pangu_tiny) -> ServeConfig:
 
 
 @pytest.fixture(scope="module")
-def grpc_port(app_config):
+def grpc_port(app_config, free_port):
     port = free_port()
     # Replicas inherit the driver's environment: Watch streams end after 2 s, not 5 minutes.
     before = os.environ.get(WATCH_MAX_S_ENV)

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -47,12 +46,6 @@ def binary(name: str) -> str:
             pytest.fail(f"{name} not installed: `make test` installs Debian's prometheus package")
         pytest.skip(f"{name} not installed (apt-get install prometheus; `make test` does it as root)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def recording_rules() -> dict[str, str]:
@@ -144,7 +137,7 @@ def test_podmonitor_renames_like_the_scrape_config():
 
 
 @pytest.fixture(scope="module")
-def ray_metrics_port():
+def ray_metrics_port(free_port):
     port = free_port()
     ray.init(
         address="local",  # a fresh instance, never another session's cluster on this machine
@@ -162,7 +155,7 @@ def ray_metrics_port():
 
 
 @pytest.fixture(scope="module")
-def prometheus(ray_metrics_port, tmp_path_factory):
+def prometheus(ray_metrics_port, tmp_path_factory, free_port):
     prom = binary("prometheus")
     workdir = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
