@@ -83,7 +83,7 @@ class ExpertGroup:
         }
 
     def check_health(self) -> None:
-        if not self.server._thread.is_alive():
+        if not self.server.alive:
             raise RuntimeError(f"expert server at {self.server.endpoint} stopped")
 
 

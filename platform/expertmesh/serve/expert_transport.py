@@ -114,6 +114,10 @@ class ExpertGroupServer:
             raise KeyError(f"layer {header.layer} is not a MoE layer of this expert group")
         return apply_experts(self.weights[header.layer], batch)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self) -> None:
         """Stop serving; in-flight requests get no reply (clients time out and fail over)."""
         self._stop.set()
