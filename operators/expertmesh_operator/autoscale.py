@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from expertmesh_operator.crd import AutoscalingTargets
+from expertmesh_operator.crd import ScaleRecommendation as Recommendation  # stored in Model status
 
 
 class PoolMetrics(BaseModel):
@@ -36,13 +37,6 @@ class ReplicaBounds(BaseModel):
 
     min: int = Field(..., ge=1)
     max: int = Field(..., ge=1)
-
-
-class Recommendation(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    at: float
-    replicas: int
 
 
 class ScaleDecision(BaseModel):
@@ -159,7 +153,7 @@ def _combined(metrics: Sequence[PoolMetrics | None]) -> PoolMetrics | None:
     if not metrics or any(m is None for m in metrics):
         return None
     present = [m for m in metrics if m is not None]
-    failed = [m.error for m in present if m.error]
+    failed = list(dict.fromkeys(m.error for m in present if m.error))  # one Prometheus failure, said once
     oldest = min(m.sampled_at for m in present)
 
     def most(field: str) -> float | None:

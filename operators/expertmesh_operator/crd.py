@@ -22,6 +22,8 @@ KIND = "Model"
 PLURAL = "models"
 CRD_NAME = f"{PLURAL}.{GROUP}"
 ROLLOUT_ANNOTATION = f"{GROUP}/rollout"
+# Held by every Model the operator has deployed, so a deletion waits until its deployments are gone.
+FINALIZER = f"{GROUP}/serve-config"
 
 # DNS-label-like names; they become parts of Ray Serve deployment names.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?$"
@@ -156,7 +158,7 @@ class ModelResourceSpec(CamelModel):
 
 
 class Condition(CamelModel):
-    type: Literal["Ready", "Progressing", "Degraded"]
+    type: Literal["Ready", "Progressing", "Degraded", "ScalingActive"]
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(..., max_length=128, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
     message: str = Field("", max_length=4096)
@@ -188,6 +190,22 @@ class RolloutState(CamelModel):
     message: str = Field("", max_length=4096)
 
 
+class ScaleRecommendation(CamelModel):
+    """A replica count the autoscaler recommended for a pool, and when it last did."""
+
+    at: float = Field(..., ge=0)
+    replicas: int = Field(..., ge=0)
+
+
+class AutoscalingStatus(CamelModel):
+    """The autoscaler's memory: kept in status so the stabilisation windows survive a restart."""
+
+    history: dict[str, list[ScaleRecommendation]] = Field(
+        default_factory=dict, description="per pool: each recommended count at the latest time it was"
+    )
+    held_pools: list[str] = Field(default_factory=list, description="pools held for want of metrics")
+
+
 class ModelResourceStatus(CamelModel):
     conditions: list[Condition] = Field(default_factory=list, max_length=8)
     observed_generation: int | None = Field(None, ge=0)
@@ -200,6 +218,7 @@ class ModelResourceStatus(CamelModel):
     traffic: str | None = Field(None, max_length=256)
     replicas: int = Field(0, ge=0)
     rollout: RolloutState | None = None
+    autoscaling: AutoscalingStatus | None = None
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)

@@ -236,8 +236,8 @@ def reconcile(
         statuses[model.name] = _status(model, state, traffic, pools, problems, observed, now)
         events.extend(e.model_copy(update={"model": model.name}) for e in model_events)
 
-    if not model_specs:
-        return ReconcileResult(serve_config_v2={"applications": []}, statuses=statuses, events=events)
+    # No servable Model still deploys the Router (answering model-not-found), exactly what
+    # the chart installs, so the first Model changes the app's args and never grpc_options.
     config = serve_deploy_config(ServeConfig(models=model_specs))
     # autoscaler decisions as per-deployment overrides: Serve changes replica counts in place
     deployments = config["applications"][0]["deployments"]

@@ -78,6 +78,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     if args.config:
         config = ServeConfig.from_yaml(args.config)
+        if not config.models:  # an empty platform is for the operator's RayService, not one machine
+            raise ExpertMeshError(f"{args.config}: no models to serve; list at least one under 'models:'")
         updates = {"http_port": args.http_port} if args.http_port else {}
         if args.api_key:
             updates["api_key"] = args.api_key

@@ -78,7 +78,9 @@ class ModelSpec(BaseModel):
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    models: list[ModelSpec] = Field(..., min_length=1)
+    models: list[ModelSpec] = Field(
+        ..., description="may be empty: the Router alone, answering every request with model-not-found"
+    )
     api_key: str | None = Field(None, min_length=8, repr=False)
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=1, le=65535)

@@ -155,54 +155,15 @@ def ray_metrics_port(free_port):
 
 
 @pytest.fixture(scope="module")
-def prometheus(ray_metrics_port, tmp_path_factory, free_port):
-    prom = binary("prometheus")
-    workdir = tmp_path_factory.mktemp("prometheus")
+def prometheus(ray_metrics_port, start_prometheus):
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(p) for p in RULE_FILES]
     (job,) = config["scrape_configs"]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{ray_metrics_port}"]}]
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (workdir / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [
-            prom,
-            f"--config.file={workdir / 'prometheus.yml'}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"prometheus exited with {proc.returncode}: {(workdir / 'prometheus.log').read_text()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("prometheus was not ready within 30 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    server = start_prometheus(config)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="module")

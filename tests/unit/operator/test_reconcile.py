@@ -5,6 +5,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.config import ServeConfig
 from expertmesh.model.config import ModelConfig, MoEConfig
+from expertmesh.serve.app import serve_deploy_config
 from expertmesh_operator.crd import ROLLOUT_ANNOTATION, ModelResource
 from expertmesh_operator.reconcile import ObservedState, rayservice_manifest, reconcile
 from expertmesh_operator.rollout import AnalysisResult
@@ -119,9 +120,10 @@ def test_invalid_update_keeps_the_previous_revision_serving():
     assert status.observed_generation == 2 and status.rollout.stable.name == "v1"
 
 
-def test_nothing_valid_means_an_empty_application_list():
+def test_nothing_valid_leaves_the_router_alone_as_the_chart_installs_it():
     result = run([model(engineReplicas=20)])
-    assert result.serve_config_v2 == {"applications": []}
+    assert result.serve_config_v2 == serve_deploy_config(ServeConfig(models=[]))
+    assert app_args(result).models == []
 
 
 def test_canary_traffic_reaches_the_router_only():
