@@ -98,6 +98,12 @@ def build_registry(operator: Operator, api_client: Any) -> kopf.OperatorRegistry
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=KOPF_PREFIX)
         settings.posting.level = logging.WARNING  # our own Events say what was decided
+        # No runtime observation of namespaces and CRDs: the namespaces are exact names (or
+        # cluster-wide) and the chart installs the Model CRD before the operator, so kopf needs
+        # neither, and the chart's RBAC grants neither (cluster-scoped reads a namespaced
+        # operator has no business with). Left on, kopf tries anyway and, refused, retries for
+        # ~1 minute before it watches a single Model (tests/e2e proves it against RBAC).
+        settings.scanning.disabled = True
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
