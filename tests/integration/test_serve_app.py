@@ -32,12 +32,15 @@ def ray_serve(free_port):
 EXAMPLES = Path(__file__).resolve().parents[2] / "deployments" / "serve"
 
 
-def example_model(file: str, name: str, source: Path, replicas_per_group: int | None = None) -> dict:
+def example_model(
+    file: str, name: str, source: Path, replicas_per_group: int | None = None, **engine
+) -> dict:
     """A model of an example config (deployments/serve/), pointed at the tiny checkpoint."""
     (model,) = ServeConfig.from_yaml(EXAMPLES / file).model_dump(mode="json")["models"]
     model["name"] = name
     for revision in model["revisions"]:
         revision["source"] = str(source)
+        revision["engine"].update(engine)
         if replicas_per_group:
             revision["expert_parallel"]["replicas_per_group"] = replicas_per_group
     return model
@@ -49,7 +52,16 @@ def app(ray_serve, pangu_tiny):
         {
             "models": [
                 example_model("colocated.yaml", "colocated", pangu_tiny),
-                example_model("disaggregated.yaml", "disaggregated", pangu_tiny, replicas_per_group=2),
+                # with the ping-pong overlap on for every step of two or more tokens, so the
+                # tests below (tokens, failover under load) run it through real pools
+                example_model(
+                    "disaggregated.yaml",
+                    "disaggregated",
+                    pangu_tiny,
+                    replicas_per_group=2,
+                    micro_batches=2,
+                    micro_batch_min_tokens=2,
+                ),
                 {
                     "name": "one-seat",  # one running request, one waiting: the third is refused
                     "revisions": [
@@ -91,6 +103,24 @@ def test_colocated_and_disaggregated_give_the_offline_engines_tokens(app, pangu_
     for prompt, want in zip(PROMPTS, offline, strict=True):
         assert generate(handle, "colocated", prompt) == want.outputs[0].token_ids
         assert generate(handle, "disaggregated", prompt) == want.outputs[0].token_ids
+
+
+def test_overlapped_disaggregated_batch_gives_the_tokens_of_one_batch_colocated(app, pangu_tiny):
+    # concurrent requests share steps, which the disaggregated engine cuts into two micro-batches
+    _, handle, _ = app
+    params = dict(GREEDY, max_tokens=16)
+    offline = LLM(pangu_tiny, show_progress=False).generate(PROMPTS, SamplingParams(**params), use_tqdm=False)
+    want = [o.outputs[0].token_ids for o in offline]
+    before = handle.engine_info.remote("disaggregated", "v1").result()["micro_batched_steps"]
+    for model in ("colocated", "disaggregated"):
+        streams = [
+            handle.options(stream=True, method_name="generate").remote(model, p, params) for p in PROMPTS
+        ]
+        assert [list(s)[-1].outputs[0].token_ids for s in streams] == want, model
+    assert handle.engine_info.remote("disaggregated", "v1").result()["micro_batched_steps"] > before
+    assert (
+        handle.engine_info.remote("colocated", "v1").result()["micro_batched_steps"] == 0
+    )  # nothing to overlap
 
 
 def test_each_expert_pool_is_its_own_deployment(app):

@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import expertmesh.model.experts as experts_module
+from expertmesh.kernels import native_kernels
 from expertmesh.model.experts import (
     ColocatedExpertBackend,
     ExpertPartition,
@@ -37,9 +39,19 @@ def combine(x, batch_out, token_index):
     return torch.zeros_like(x).index_add_(0, token_index, batch_out)
 
 
-@pytest.mark.parametrize("tokens,k", [(1, 2), (6, 2), (40, 4), (300, 4)])  # covers looped and batched paths
-def test_apply_experts_matches_naive(tokens, k):
-    experts, hidden, inter = 8, 16, 12
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """Run once with the fused native kernel (when this machine built it) and once with torch's paths."""
+    if request.param == "torch":
+        monkeypatch.setattr(experts_module, "native_kernels", lambda: None)
+    elif native_kernels() is None:
+        pytest.skip("the native kernel did not build here; see tests/unit/test_native_kernels.py")
+    return request.param
+
+
+@pytest.mark.parametrize("tokens,k", [(1, 2), (6, 2), (40, 4), (300, 4)])  # fused, looped and batched paths
+def test_apply_experts_matches_naive(tokens, k, kernels):
+    experts, hidden, inter = 8, 16, 16
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, hidden, generator=gen)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])

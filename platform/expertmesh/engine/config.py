@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -17,6 +19,17 @@ class EngineConfig(BaseModel):
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     max_queued_requests: int = Field(4096, ge=1, description="waiting requests before new ones are refused")
     seed: int = Field(0, description="seed for requests that bring none")
+    # Ping-pong overlap of disaggregated experts (model/micro_batch.py). Off by default:
+    # bench/overlap.py measured 0.91x throughput on this 2-core machine, where the pools
+    # already fill the cores while the engine waits, so there is no idle time to hide.
+    micro_batches: Literal[1, 2] = Field(
+        1,
+        description="2: with remote experts, run a large step as two micro-batches that alternate, "
+        "so one's expert rows are in flight while the other computes; 1: one batch per step",
+    )
+    micro_batch_min_tokens: int = Field(
+        64, ge=2, description="steps with fewer tokens run as one batch even when micro_batches is 2"
+    )
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> EngineConfig:

@@ -93,7 +93,9 @@ class LLMEngine:
         self.cache = KVCache(cfg, num_blocks, self.config.block_size, dtype)
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(self.config, self.allocator, self.max_model_len)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(
+            model, self.cache, self.config.micro_batches, self.config.micro_batch_min_tokens
+        )
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.eos_token_ids = eos_token_ids
         self._requests: dict[str, Sequence] = {}

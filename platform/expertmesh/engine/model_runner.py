@@ -9,7 +9,9 @@ import torch
 from expertmesh.engine.kv_cache import KVCache
 from expertmesh.engine.scheduler import StepPlan
 from expertmesh.engine.sequence import Sequence
+from expertmesh.kernels import native_kernels
 from expertmesh.model.attention import ForwardBatch, PrefillSpan
+from expertmesh.model.micro_batch import plan_micro_batches
 from expertmesh.model.transformer import CausalLM
 
 
@@ -20,9 +22,14 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: KVCache):
+    def __init__(
+        self, model: CausalLM, cache: KVCache, micro_batches: int = 1, micro_batch_min_tokens: int = 64
+    ):
         self.model, self.cache = model, cache
         self.block_size = cache.block_size
+        self.micro_batches, self.micro_batch_min_tokens = micro_batches, micro_batch_min_tokens
+        self.micro_batched_steps = 0  # steps run as two micro-batches, for tests and benchmarks
+        native_kernels()  # build (or load) them now, not inside the first step
 
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Flat cache slots of positions [start, end) of `seq`."""
@@ -38,7 +45,7 @@ class ModelRunner:
         sample_rows: list[int] = []
 
         decodes = plan.decodes
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = lengths = None
         if decodes:
             lengths = torch.tensor([s.num_computed_tokens + 1 for s in decodes])
             width = int(lengths.max())
@@ -47,7 +54,9 @@ class ModelRunner:
                 table[row, : len(seq.blocks)] = torch.tensor(seq.blocks[: table.shape[1]])
                 token_ids.append(seq.token_at(seq.num_computed_tokens))
             offsets = torch.arange(self.block_size)
-            decode_slots = (table.unsqueeze(-1) * self.block_size + offsets).flatten(1)[:, :width]
+            decode_slots = (
+                (table.unsqueeze(-1) * self.block_size + offsets).flatten(1)[:, :width].contiguous()
+            )
             decode_mask = (torch.arange(width) < lengths.unsqueeze(1)).view(len(decodes), 1, 1, width)
             last = lengths - 1
             positions.append(last)
@@ -80,13 +89,23 @@ class ModelRunner:
             num_decode=len(decodes),
             decode_slots=decode_slots,
             decode_mask=decode_mask,
+            decode_lengths=lengths,
             prefills=spans,
         )
         return torch.tensor(token_ids), batch, sampled, sample_rows
 
     def execute(self, plan: StepPlan) -> StepResult:
         input_ids, batch, sampled, rows = self.build(plan)
-        hidden = self.model(input_ids, batch, self.cache.layers)
+        blocks = self.model.moe_blocks
+        split_at = plan_micro_batches(
+            batch,
+            len(input_ids),
+            self.micro_batches,
+            self.micro_batch_min_tokens,
+            concurrent_backend=bool(blocks) and getattr(blocks[0].backend, "concurrent", False),
+        )
+        self.micro_batched_steps += split_at is not None
+        hidden = self.model(input_ids, batch, self.cache.layers, split_at=split_at)
         for seq, n in plan.prefills:
             seq.num_computed_tokens += n
         for seq in plan.decodes:

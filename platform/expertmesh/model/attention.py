@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expertmesh.kernels import native_kernels
 from expertmesh.model.layers import RMSNorm, apply_rotary
 
 
@@ -35,6 +36,7 @@ class ForwardBatch:
     num_decode: int = 0
     decode_slots: torch.Tensor | None = None  # [num_decode, L] context slots, padded
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, L] True where attended
+    decode_lengths: torch.Tensor | None = None  # [num_decode] context length of each decoding sequence
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -103,6 +105,12 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: LayerKVCache) -> torch.Tensor:
         # One query per sequence: fold the query heads that share a KV head into the
         # "query length" axis, so no K/V head is ever repeated in memory.
+        kernels = native_kernels()
+        if kernels is not None and batch.decode_lengths is not None and self.head_dim % 16 == 0:
+            out = kernels.decode_attention(
+                q.float().contiguous(), cache.k, cache.v, batch.decode_slots, batch.decode_lengths, self.scale
+            )
+            return out.to(q.dtype)
         n = q.shape[0]
         group = self.num_heads // self.num_kv_heads
         keys = cache.gather(cache.k, batch.decode_slots).transpose(1, 2)  # [n, kv_heads, L, d]

@@ -11,11 +11,13 @@ backend sends each group's slice to that group's replica pool.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from expertmesh.kernels import native_kernels
 from expertmesh.model.layers import silu_and_mul
 
 
@@ -94,6 +96,22 @@ class ExpertWeights:
         return self.gate_up.nbytes + self.down.nbytes
 
 
+# Up to this many rows per expert (decode steps) the fused native kernel streams each
+# expert's weights once; beyond it the work is compute-bound and MKL's matmuls win.
+_FUSED_MAX_ROWS_PER_EXPERT = 32
+
+
+def _fits_fused(weights: ExpertWeights) -> bool:
+    intermediate, hidden = weights.down.shape[1:]
+    return (
+        weights.gate_up.dtype in (torch.float32, torch.bfloat16)
+        and weights.gate_up.is_contiguous()
+        and weights.down.is_contiguous()
+        and intermediate % 16 == 0
+        and hidden % 16 == 0
+    )
+
+
 # Above this many rows per expert the padded batched matmul wastes real compute,
 # and the per-expert loop's call overhead is small next to each matmul.
 _BATCHED_MAX_ROWS_PER_EXPERT = 48
@@ -104,8 +122,19 @@ def apply_experts(weights: ExpertWeights, batch: ExpertBatch) -> torch.Tensor:
     hidden = batch.hidden
     if batch.num_rows == 0:
         return hidden.new_zeros(0, weights.down.shape[-1])
-    active = sum(1 for c in batch.counts if c)
     widest = max(batch.counts)
+    fused = native_kernels()
+    if fused is not None and widest <= _FUSED_MAX_ROWS_PER_EXPERT and _fits_fused(weights):
+        offsets = torch.tensor([0, *itertools.accumulate(batch.counts)])
+        out = fused.fused_experts(
+            hidden.float().contiguous(),
+            offsets,
+            weights.gate_up,
+            weights.down,
+            batch.weights.float().contiguous(),
+        )
+        return out.to(hidden.dtype)
+    active = sum(1 for c in batch.counts if c)
     if 4 * active >= 3 * len(batch.counts) and widest <= _BATCHED_MAX_ROWS_PER_EXPERT:
         out = _apply_batched(weights, batch, widest)
     else:
@@ -140,16 +169,35 @@ def _apply_batched(weights: ExpertWeights, batch: ExpertBatch, widest: int) -> t
 
 
 class ExpertBackend(Protocol):
-    """Runs layer `layer`'s experts on a batch; returns [n, H] weighted outputs in row order."""
+    """Runs layer `layer`'s experts on a batch; returns [n, H] weighted outputs in row order.
+
+    `submit` starts the work and `wait` collects it, so the caller can compute in
+    between; `run` is both at once. `concurrent` says whether that in-between
+    work really overlaps the experts (they run elsewhere) or just comes first.
+    """
+
+    concurrent: bool
 
     def run(self, layer: int, batch: ExpertBatch) -> torch.Tensor: ...
+
+    def submit(self, layer: int, batch: ExpertBatch) -> object: ...
+
+    def wait(self, handle: object) -> torch.Tensor: ...
 
 
 class ColocatedExpertBackend:
     """Every expert of every layer in this process: the whole layer in one call."""
+
+    concurrent = False  # same thread: submit computes at once, nothing overlaps
 
     def __init__(self, layers: dict[int, ExpertWeights]):
         self.layers = layers
 
     def run(self, layer: int, batch: ExpertBatch) -> torch.Tensor:
         return apply_experts(self.layers[layer], batch)
+
+    def submit(self, layer: int, batch: ExpertBatch) -> torch.Tensor:
+        return self.run(layer, batch)  # through run, so subclasses that wrap run see every call
+
+    def wait(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -32,14 +34,44 @@ class SparseMoE(nn.Module):
             return moge_routing(logits, self.moe.num_routing_groups, self.router_scale)
         return topk_routing(logits, self.moe.num_experts_per_tok, self.moe.norm_topk_prob)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def start(self, x: torch.Tensor, accumulate_counts: bool = False) -> PendingMoE:
+        """Route and hand the rows to the backend; the shared expert runs while they are out.
+
+        `accumulate_counts`: this is a later micro-batch of the same step, so its rows
+        add to the step's per-expert counts instead of replacing them.
+        """
         weights, expert_ids = self.route(x)
         batch, token_index = plan_dispatch(x, expert_ids, weights, self.moe.num_experts)
-        self.last_expert_counts = batch.counts
-        out = torch.zeros_like(x).index_add_(0, token_index, self.backend.run(self.layer, batch))
+        if accumulate_counts and len(self.last_expert_counts) == len(batch.counts):
+            self.last_expert_counts = [
+                a + b for a, b in zip(self.last_expert_counts, batch.counts, strict=True)
+            ]
+        else:
+            self.last_expert_counts = batch.counts
+        handle = self.backend.submit(self.layer, batch)
+        shared = None
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_expert_gate(x))
-            out += shared
+        return PendingMoE(handle, token_index, shared, x)
+
+    def finish(self, pending: PendingMoE) -> torch.Tensor:
+        routed = self.backend.wait(pending.handle)
+        out = torch.zeros_like(pending.x).index_add_(0, pending.token_index, routed)
+        if pending.shared is not None:
+            out += pending.shared
         return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(x))
+
+
+@dataclass
+class PendingMoE:
+    """A sparse block's work between `start` and `finish`: expert rows in flight, shared output ready."""
+
+    handle: object
+    token_index: torch.Tensor
+    shared: torch.Tensor | None
+    x: torch.Tensor

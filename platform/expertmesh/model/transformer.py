@@ -10,6 +10,7 @@ from expertmesh.model.attention import Attention, ForwardBatch, LayerKVCache
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.experts import ExpertBackend
 from expertmesh.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from expertmesh.model.micro_batch import split_forward_batch
 from expertmesh.model.moe import SparseMoE
 
 
@@ -34,8 +35,18 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(self, x, rope, batch: ForwardBatch, cache: LayerKVCache | None) -> torch.Tensor:
+        return self.finish(self.start(x, rope, batch, cache))
+
+    def start(self, x, rope, batch: ForwardBatch, cache, micro_batch: int = 0) -> tuple:
+        """Attention, then the MLP up to the point where a sparse block's experts are out."""
         x = x + self.self_attn(self.input_layernorm(x), rope, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if isinstance(self.mlp, SparseMoE):
+            return x, self.mlp.start(self.post_attention_layernorm(x), accumulate_counts=micro_batch > 0)
+        return x + self.mlp(self.post_attention_layernorm(x)), None
+
+    def finish(self, state: tuple) -> torch.Tensor:
+        x, pending = state
+        return x if pending is None else x + self.mlp.finish(pending)
 
 
 class CausalLM(nn.Module):
@@ -62,13 +73,32 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         batch: ForwardBatch,
         caches: list[LayerKVCache] | None = None,
+        split_at: int | None = None,
     ) -> torch.Tensor:
-        """Flat token batch [T] -> final hidden states [T, H] (before the LM head)."""
+        """Flat token batch [T] -> final hidden states [T, H] (before the LM head).
+
+        `split_at` (see micro_batch.plan_micro_batches): run rows [0, split_at) and
+        [split_at, T) as two micro-batches that alternate layer by layer, so one's
+        expert rows are in flight while the other computes.
+        """
         x = self.embed_tokens(input_ids)
-        rope = self.rotary.lookup(batch.positions, x.dtype)
+        if split_at is None:
+            parts, xs = [batch], [x]
+        else:
+            parts, xs = list(split_forward_batch(batch, split_at)), [x[:split_at], x[split_at:]]
+        ropes = [self.rotary.lookup(part.positions, x.dtype) for part in parts]
+        # Each micro-batch finishes layer i-1 (waits for its experts) just before it
+        # starts layer i, so the other micro-batch's experts stay in flight meanwhile.
+        # With one micro-batch this is plain layer order, the shared expert overlapping the experts.
+        states: list[tuple | None] = [None] * len(parts)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, batch, caches[i] if caches is not None else None)
-        return self.norm(x)
+            cache = caches[i] if caches is not None else None
+            for m, part in enumerate(parts):
+                if states[m] is not None:
+                    xs[m] = self.layers[i - 1].finish(states[m])
+                states[m] = layer.start(xs[m], ropes[m], part, cache, micro_batch=m)
+        xs = [self.layers[-1].finish(state) for state in states]
+        return self.norm(xs[0] if len(xs) == 1 else torch.cat(xs))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,11 @@ class Engine:
             yield out
 
     def info(self) -> dict:
-        return {"max_model_len": self.engine.max_model_len, "pid": os.getpid()}
+        return {
+            "max_model_len": self.engine.max_model_len,
+            "pid": os.getpid(),
+            "micro_batched_steps": self.engine.runner.micro_batched_steps,
+        }
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)

@@ -1,0 +1,14 @@
+// Python bindings of the native CPU kernels (see __init__.py for how they are built).
+#include <torch/extension.h>
+
+namespace expertmesh {
+at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_up, at::Tensor down,
+                         at::Tensor row_weights);
+at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots,
+                            at::Tensor lengths, double scale);
+}  // namespace expertmesh
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fused_experts", &expertmesh::fused_experts, "SwiGLU experts over rows sorted by expert (decode sizes)");
+  m.def("decode_attention", &expertmesh::decode_attention, "one-token attention read from the paged KV cache");
+}

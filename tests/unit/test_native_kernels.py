@@ -1,0 +1,94 @@
+"""The native CPU kernels against plain torch written out in the test."""
+
+import itertools
+import shutil
+
+import pytest
+import torch
+
+from expertmesh.kernels import native_kernels
+from expertmesh.model.experts import ExpertWeights
+from expertmesh.model.layers import silu_and_mul
+
+
+def kernels():
+    module = native_kernels()
+    if module is None:
+        pytest.skip(
+            "the native kernels did not build here (see test_native_kernels_build_where_a_compiler_exists)"
+        )
+    return module
+
+
+def make_weights(experts, hidden, inter, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return ExpertWeights(
+        torch.randn(experts, hidden, 2 * inter, generator=gen) * 0.1,
+        torch.randn(experts, inter, hidden, generator=gen) * 0.1,
+    )
+
+
+def test_native_kernels_build_where_a_compiler_exists():
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: expert layers use torch's matmuls")
+    assert native_kernels() is not None, "the native kernels failed to build; see the warning log"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,inter", [(16, 16), (48, 32), (64, 48), (128, 96)])
+def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype):
+    # Row counts 0..13 per expert cross the kernel's 6-row register tiles; the sizes
+    # exercise 1, 2 and 4 vectors per column block.
+    module = kernels()
+    gen = torch.Generator().manual_seed(hidden + inter)
+    counts = [0, 1, 5, 6, 7, 13, 12, 2]
+    rows = sum(counts)
+    x = torch.randn(rows, hidden, generator=gen)
+    row_weights = torch.rand(rows, generator=gen)
+    w = make_weights(len(counts), hidden, inter, seed=inter)
+    w = ExpertWeights(w.gate_up.to(dtype), w.down.to(dtype))
+    got = module.fused_experts(
+        x, torch.tensor([0, *itertools.accumulate(counts)]), w.gate_up, w.down, row_weights
+    )
+    expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    want = torch.stack(
+        [
+            row_weights[r] * (silu_and_mul(x[r] @ w.gate_up[e].float()) @ w.down[e].float())
+            for r, e in enumerate(expert_of_row.tolist())
+        ]
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 64), (6, 3, 32)])
+def test_decode_attention_matches_softmax_over_the_gathered_context(heads, kv_heads, dim, cache_dtype):
+    module = kernels()
+    gen = torch.Generator().manual_seed(heads * dim)
+    lengths = torch.tensor([1, 7, 33, 20])
+    width, num_slots = int(lengths.max()), 200
+    k_cache = torch.randn(num_slots, kv_heads, dim, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(num_slots, kv_heads, dim, generator=gen).to(cache_dtype)
+    slots = torch.stack(
+        [torch.randperm(num_slots, generator=gen)[:width] for _ in lengths]
+    )  # scattered blocks
+    q = torch.randn(len(lengths), heads, dim, generator=gen)
+    scale = dim**-0.5
+    got = module.decode_attention(q, k_cache, v_cache, slots, lengths, scale)
+    group = heads // kv_heads
+    for i, n in enumerate(lengths.tolist()):
+        context = slots[i, :n]  # padding past the length must be ignored
+        for h in range(heads):
+            keys = k_cache[context, h // group].float()
+            values = v_cache[context, h // group].float()
+            want = torch.softmax(keys @ q[i, h] * scale, dim=0) @ values
+            torch.testing.assert_close(got[i, h], want, atol=1e-5, rtol=1e-4)
+
+
+def test_decode_attention_rejects_a_length_beyond_its_slots():
+    module = kernels()
+    cache = torch.zeros(8, 1, 16)
+    with pytest.raises(RuntimeError, match="lengths must be in"):
+        module.decode_attention(
+            torch.zeros(1, 1, 16), cache, cache, torch.zeros(1, 4, dtype=torch.long), torch.tensor([5]), 1.0
+        )
