@@ -20,6 +20,7 @@ from expertmesh.config import ExpertParallelSpec, ModelSpec, RevisionSpec, Serve
 from expertmesh.engine.config import EngineConfig
 from expertmesh.model.config import ModelConfig
 from expertmesh.serve.app import serve_deploy_config
+from expertmesh.serve.names import engine_deployment_name, expert_deployment_name, revision_app_name
 from expertmesh_operator.crd import (
     Condition,
     ModelResource,
@@ -55,12 +56,8 @@ class ReconcileResult(BaseModel):
     events: list[Event]
 
 
-def engine_deployment(model: str, revision: str) -> str:
-    return f"engine-{model}-{revision}"  # as expertmesh.serve.app.build_app names it
-
-
-def expert_deployment(model: str, revision: str, group: int) -> str:
-    return f"experts-{model}-{revision}-g{group}"
+engine_deployment = engine_deployment_name  # the Serve deployment names the app builder gives
+expert_deployment = expert_deployment_name
 
 
 def rfc3339(now: float) -> str:
@@ -98,19 +95,19 @@ def _groups(spec: ModelResourceSpec, cfg: ModelConfig | None) -> int | None:
     return None  # unknown until the checkpoint is readable
 
 
-def _pools(
+def _placed_pools(
     served: str, records: Sequence[RevisionRecord], observed: ObservedState, chosen: Mapping[str, int]
-) -> dict[str, int]:
-    """Serve deployment -> replicas, for every pool of every deployed revision."""
-    pools: dict[str, int] = {}
+) -> dict[str, tuple[str, int]]:
+    """Serve deployment -> (its Serve application, replicas); each revision is an application."""
+    pools: dict[str, tuple[str, int]] = {}
     for record in records:
-        spec = record.spec
+        spec, app = record.spec, revision_app_name(served, record.name)
         engine = engine_deployment(served, record.name)
-        pools[engine] = chosen.get(engine, spec.engine_replicas)
+        pools[engine] = (app, chosen.get(engine, spec.engine_replicas))
         groups = _groups(spec, observed.model_configs.get(spec.source.path()))
         for g in range(groups or 0):
             pool = expert_deployment(served, record.name, g)
-            pools[pool] = chosen.get(pool, spec.expert_parallel.replicas_per_group)
+            pools[pool] = (app, chosen.get(pool, spec.expert_parallel.replicas_per_group))
     return pools
 
 
@@ -190,7 +187,7 @@ def reconcile(
     model_specs: list[ModelSpec] = []
     statuses: dict[str, ModelResourceStatus] = {}
     events: list[Event] = []
-    overrides: dict[str, int] = {}
+    overrides: dict[str, dict[str, int]] = {}  # Serve application -> deployment -> replicas
     served_by: dict[str, str] = {}
     for model in sorted(models, key=lambda m: m.name):
         previous = rollout_states.get(model.name)
@@ -214,7 +211,9 @@ def reconcile(
                 previous, model.spec, observed.analyses.get(model.name), model.annotations, now
             )
             records = _records(state)
-        pools = _pools(model.served_name, records, observed, observed.replicas.get(model.name, {}))
+        chosen = observed.replicas.get(model.name, {})
+        placed = _placed_pools(model.served_name, records, observed, chosen)
+        pools = {name: n for name, (_, n) in placed.items()}
         if records:
             try:
                 model_specs.append(
@@ -230,18 +229,22 @@ def reconcile(
                 traffic, pools = {}, {}
             else:
                 served_by[model.served_name] = model.name
-                overrides.update(
-                    {p: n for p, n in pools.items() if p in observed.replicas.get(model.name, {})}
-                )
+                for name, (app, n) in placed.items():
+                    if name in chosen:
+                        overrides.setdefault(app, {})[name] = n
         statuses[model.name] = _status(model, state, traffic, pools, problems, observed, now)
         events.extend(e.model_copy(update={"model": model.name}) for e in model_events)
 
     # No servable Model still deploys the Router (answering model-not-found), exactly what
-    # the chart installs, so the first Model changes the app's args and never grpc_options.
+    # the chart installs, so the first Model adds applications and never changes grpc_options.
     config = serve_deploy_config(ServeConfig(models=model_specs))
     # autoscaler decisions as per-deployment overrides: Serve changes replica counts in place
-    deployments = config["applications"][0]["deployments"]
-    deployments.extend({"name": name, "num_replicas": n} for name, n in sorted(overrides.items()))
+    for app in config["applications"]:
+        chosen_here = overrides.get(app["name"], {})
+        listed = {d["name"]: d for d in app["deployments"]}
+        for name, n in sorted(chosen_here.items()):
+            listed.setdefault(name, {"name": name})["num_replicas"] = n
+        app["deployments"] = list(listed.values())
     return ReconcileResult(serve_config_v2=config, statuses=statuses, events=events)
 
 

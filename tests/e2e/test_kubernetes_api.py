@@ -201,13 +201,9 @@ def serve_config(ns: str, rayservice: str = "expertmesh") -> dict[str, Any]:
 
 
 def served_models(ns: str, rayservice: str = "expertmesh") -> dict[str, Any]:
-    from expertmesh.config import ServeConfig
+    from expertmesh.serve.app import platform_config
 
-    config = serve_config(ns, rayservice)
-    if not config["applications"]:
-        return {}
-    app = config["applications"][0]
-    return {m.name: m for m in ServeConfig.parse(app["args"]["config"]).models}
+    return {m.name: m for m in platform_config(serve_config(ns, rayservice)).models}
 
 
 def router_traffic(ns: str) -> dict[str, dict[str, int]]:
@@ -291,8 +287,8 @@ def test_operator_against_a_real_api_server(namespace: str) -> None:
         kubectl("delete", "model", victim, "-n", ns, "--timeout=40s")
         assert get("model", victim, ns) is None
         assert victim_served not in served_models(ns) and victim_served not in router_traffic(ns)
-        deployments = [d["name"] for d in serve_config(ns)["applications"][0]["deployments"]]
-        assert not [d for d in deployments if f"-{victim_served}-" in d]
+        apps = [a["name"] for a in serve_config(ns)["applications"]]
+        assert not [a for a in apps if a.startswith(f"{victim_served}-")]  # its revisions' applications
         assert set(served_models(ns)) == set(served) - {victim_served}
         rounds_before_stop = op.operator.rounds
     assert rounds_before_stop > 0

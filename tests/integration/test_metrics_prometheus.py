@@ -251,7 +251,7 @@ def test_prometheus_scrapes_expertmesh_series_with_their_labels(prometheus, serv
     (series,) = query(prometheus, f"expertmesh_generation_tokens_total{{{sel}}}")
     labels = series["metric"]
     assert (labels["model"], labels["revision"], labels["pool"]) == (MODEL, "v1", "engine")
-    assert labels["application"] == APP_NAME and labels["deployment"] == f"engine-{MODEL}-v1"
+    assert labels["application"] == f"{MODEL}-v1" and labels["deployment"] == f"engine-{MODEL}-v1"
     assert not query(prometheus, '{__name__=~"ray_expertmesh_.*"}')  # the scrape config renamed them
 
     imbalance = values(prometheus, f"expertmesh_expert_group_imbalance{{{sel}}}", "layer")

@@ -124,7 +124,7 @@ def test_overlapped_disaggregated_batch_gives_the_tokens_of_one_batch_colocated(
 
 
 def test_each_expert_pool_is_its_own_deployment(app):
-    status = serve.status().applications[APP_NAME].deployments
+    status = serve.status().applications["disaggregated-v1"].deployments  # the revision's application
     pools = sorted(name for name in status if name.startswith("experts-disaggregated"))
     assert pools == [f"experts-disaggregated-v1-g{g}" for g in range(4)]  # tiny pangu: 4 MoGE groups
     assert all(status[name].status == "HEALTHY" for name in status)
@@ -210,7 +210,7 @@ def test_killing_an_expert_replica_under_load_loses_no_request_and_the_pool_reco
     _, handle, _ = app
     params = dict(max_tokens=200, temperature=0, ignore_eos=True)  # long enough to be mid-flight at the kill
     want = LLM(pangu_tiny, show_progress=False).generate(PROMPTS, SamplingParams(**params), use_tqdm=False)
-    pool = serve.get_deployment_handle("experts-disaggregated-v1-g1", APP_NAME)
+    pool = serve.get_deployment_handle("experts-disaggregated-v1-g1", "disaggregated-v1")
     replicas = pool.broadcast("info").results()
     assert len(replicas) == 2
     streams = [
@@ -261,3 +261,26 @@ def test_killing_an_expert_replica_under_load_loses_no_request_and_the_pool_reco
         pytest.fail("the expert pool did not recover two replicas")
     time.sleep(6)  # past the engine's endpoint refresh
     assert generate(handle, "disaggregated", PROMPTS[0]) == want[0].outputs[0].token_ids[:10]
+
+
+def test_changing_one_model_restarts_only_that_models_deployments(app):
+    # What the operator relies on: one Model's new spec rewrites its own entries of the shared
+    # serve config; every other model's engines and expert pools keep their processes.
+    config, handle, _ = app
+
+    def engine_pids(model, revisions=("v1",)):
+        return {rev: handle.engine_info.remote(model, rev).result()["pid"] for rev in revisions}
+
+    def pool_pids():
+        pool = serve.get_deployment_handle("experts-disaggregated-v1-g0", "disaggregated-v1")
+        return {r["pid"] for r in pool.broadcast("info").results()}
+
+    others = (engine_pids("colocated"), engine_pids("two-revisions", ("v1", "v2")), pool_pids())
+    seat_before = engine_pids("one-seat")
+    changed = config.model_copy(deep=True)
+    (seat,) = [m for m in changed.models if m.name == "one-seat"]
+    seat.revisions[0].engine = seat.revisions[0].engine.model_copy(update={"max_num_batched_tokens": 24})
+    deploy(changed)
+    assert engine_pids("one-seat") != seat_before  # its engine restarted with the new settings
+    assert (engine_pids("colocated"), engine_pids("two-revisions", ("v1", "v2")), pool_pids()) == others
+    assert generate(handle, "colocated", PROMPTS[0])  # and the others still serve

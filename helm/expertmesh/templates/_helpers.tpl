@@ -73,17 +73,17 @@ that), so the operator, which owns serveConfigV2 from then on, starts from the s
 */}}
 {{- define "expertmesh.initialServeConfig" -}}
 applications:
-- args:
-    config:
-      api_key: null
-      grpc_port: 9000
-      http_port: 8000
-      models: []
+- args: {}
   deployments:
   - name: Router
     user_config:
+      config:
+        api_key: null
+        grpc_port: 9000
+        http_port: 8000
+        models: []
       traffic: {}
-  import_path: expertmesh.serve.app:app_builder
+  import_path: expertmesh.serve.app:router_builder
   name: expertmesh
   route_prefix: /
 grpc_options:

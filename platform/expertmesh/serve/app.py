@@ -1,15 +1,28 @@
-"""Build the one Serve application of a platform instance from a ServeConfig."""
+"""The Serve applications of a platform instance, from one ServeConfig.
+
+The Router's application is the ingress (HTTP on "/", and the gRPC proxy's only target);
+each model revision is an application of its own with its engine and expert pools.
+"""
 
 from __future__ import annotations
 
+import copy
+
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.schema import ServeDeploySchema
 
-from expertmesh.config import ServeConfig, traffic_table
+from expertmesh.config import ConfigError, RevisionSpec, ServeConfig, traffic_table
 from expertmesh.serve.deployments import Engine, ExpertGroup, Router, partition_for
+from expertmesh.serve.names import (
+    ROUTER_APP,
+    engine_deployment_name,
+    expert_deployment_name,
+    revision_app_name,
+)
 
-APP_NAME = "expertmesh"
+APP_NAME = ROUTER_APP
 
 # The services Serve's gRPC proxy hosts. For each call the proxy invokes the ingress (Router) method
 # named after the RPC; see expertmesh.api.grpc_service.
@@ -35,57 +48,106 @@ def grpc_options(port: int = 9000, request_timeout_s: float | None = None) -> gR
     )
 
 
-def build_app(config: ServeConfig) -> serve.Application:
-    engines: dict[str, dict[str, serve.Application]] = {}
+def build_revision_app(model: str, rev: RevisionSpec) -> serve.Application:
+    """One model revision: its Engine (the app's ingress, no route) and its expert pools."""
+    spec = rev.model_dump()
+    groups = None
+    if rev.expert_parallel.enabled:
+        groups = [
+            ExpertGroup.options(
+                name=expert_deployment_name(model, rev.name, g),
+                num_replicas=rev.expert_parallel.replicas_per_group,
+            ).bind(spec, g, model=model)
+            for g in range(partition_for(rev).num_groups)
+        ]
+    engine = Engine.options(name=engine_deployment_name(model, rev.name), num_replicas=rev.engine_replicas)
+    return engine.bind(spec, groups, model=model)
+
+
+def revision_builder(args: dict) -> serve.Application:
+    """Serve's builder for a revision's application (`expertmesh.serve.app:revision_builder`)."""
+    try:
+        revision = RevisionSpec.model_validate(args["revision"])
+    except (KeyError, ValidationError) as exc:
+        raise ConfigError(f"application args 'revision': {exc}") from exc
+    return build_revision_app(args["model"], revision)
+
+
+def router_user_config(config: ServeConfig) -> dict:
+    """Everything the Router knows, as its user_config: changing it reconfigures, never restarts."""
+    platform = config.model_dump(mode="json")
+    for model in platform["models"]:
+        model["traffic"] = None  # carried once, below, where the rollout changes it
+    return {"config": platform, "traffic": traffic_table(config)}
+
+
+def router_builder(args: dict) -> serve.Application:
+    """Serve's builder for the Router's application (`expertmesh.serve.app:router_builder`)."""
+    return Router.bind()
+
+
+def build_apps(config: ServeConfig) -> dict[str, serve.Application]:
+    """The applications `serve_deploy_config` describes, built in this process (what Serve builds)."""
+    apps = {APP_NAME: Router.options(user_config=router_user_config(config)).bind()}
     for model in config.models:
-        engines[model.name] = {}
         for rev in model.revisions:
-            spec = rev.model_dump()
-            base = f"{model.name}-{rev.name}"
-            groups = None
-            if rev.expert_parallel.enabled:
-                groups = [
-                    ExpertGroup.options(
-                        name=f"experts-{base}-g{g}", num_replicas=rev.expert_parallel.replicas_per_group
-                    ).bind(spec, g, model=model.name)
-                    for g in range(partition_for(rev).num_groups)
-                ]
-            engine = Engine.options(name=f"engine-{base}", num_replicas=rev.engine_replicas)
-            engines[model.name][rev.name] = engine.bind(spec, groups, model=model.name)
-    # the first revision of each model describes it to the API (context length, chat template)
-    described = {model.name: model.revisions[0].model_dump() for model in config.models}
-    router = Router.options(user_config={"traffic": traffic_table(config)})
-    return router.bind(engines, described, config.api_key)
-
-
-def app_builder(args: dict) -> serve.Application:
-    """Serve's application builder (import path `expertmesh.serve.app:app_builder`)."""
-    return build_app(ServeConfig.parse(args["config"], "application args 'config'"))
+            apps[revision_app_name(model.name, rev.name)] = build_revision_app(model.name, rev)
+    return apps
 
 
 def serve_deploy_config(config: ServeConfig) -> dict:
     """The declarative Serve config (what a RayService's serveConfigV2 holds).
 
-    The traffic table is left out of the builder's args and set as the Router's
-    user_config override, so a rollout step changes only that: Serve reconfigures
-    the Router in place and no replica restarts.
+    Serve restarts every deployment of an application whose args change, so each model
+    revision is an application of its own and the Router's state is its user_config:
+    a new Model, a new revision or a changed spec restarts only that revision's engine and
+    pools, and a traffic step only reconfigures the Router. Only the Router's application has
+    a route, so the HTTP and gRPC proxies see exactly one ingress.
     """
-    args = config.model_dump(mode="json")
-    for model in args["models"]:
-        model["traffic"] = None
+    router = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": "expertmesh.serve.app:router_builder",
+        "args": {},
+        "deployments": [{"name": "Router", "user_config": router_user_config(config)}],
+    }
+    revisions = []
+    for model in config.models:
+        for rev in model.revisions:
+            revisions.append(
+                {
+                    "name": revision_app_name(model.name, rev.name),
+                    "route_prefix": None,
+                    "import_path": "expertmesh.serve.app:revision_builder",
+                    "args": {"model": model.name, "revision": rev.model_dump(mode="json")},
+                    # replica counts the operator's autoscaler chooses are added here by name
+                    "deployments": [],
+                }
+            )
     return {
         # Read when this config starts Serve (a RayService's serveConfigV2, `serve deploy`).
         "grpc_options": grpc_options(config.grpc_port).model_dump(exclude_unset=True),
-        "applications": [
-            {
-                "name": APP_NAME,
-                "route_prefix": "/",
-                "import_path": "expertmesh.serve.app:app_builder",
-                "args": {"config": args},
-                "deployments": [{"name": "Router", "user_config": {"traffic": traffic_table(config)}}],
-            }
-        ],
+        "applications": [router, *revisions],
     }
+
+
+def all_deployments(serve_config_v2: dict) -> dict[str, dict]:
+    """Deployment name -> its entry, across every application of a deploy config."""
+    return {d["name"]: d for app in serve_config_v2["applications"] for d in app.get("deployments", [])}
+
+
+def platform_config(serve_config_v2: dict, what: str = "serveConfigV2") -> ServeConfig:
+    """The ServeConfig a deploy config was made from (read back from the Router's user_config)."""
+    try:
+        (router,) = [app for app in serve_config_v2["applications"] if app["name"] == APP_NAME]
+        (entry,) = [d for d in router["deployments"] if d["name"] == "Router"]
+        raw = copy.deepcopy(entry["user_config"]["config"])
+        traffic = entry["user_config"]["traffic"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{what}: no Router application with a user_config 'config' ({exc!r})") from exc
+    for model in raw.get("models", []):
+        model["traffic"] = traffic.get(model.get("name"))
+    return ServeConfig.parse(raw, what)
 
 
 def deploy(config: ServeConfig, blocking: bool = True) -> None:

@@ -27,7 +27,7 @@ from expertmesh.api.chat_template import ChatTemplate
 from expertmesh.api.engine_client import ModelInfo
 from expertmesh.api.grpc_service import GrpcServicesMixin
 from expertmesh.api.openai_app import build_openai_app
-from expertmesh.config import RevisionSpec, default_groups
+from expertmesh.config import RevisionSpec, ServeConfig, default_groups
 from expertmesh.engine.async_engine import AsyncLLMEngine
 from expertmesh.engine.llm_engine import LLMEngine, context_length, load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams
@@ -37,6 +37,7 @@ from expertmesh.model.experts import ExpertPartition
 from expertmesh.model.loader import load_config, load_expert_group
 from expertmesh.serve.expert_transport import ExpertGroupServer
 from expertmesh.serve.metrics import EngineMetrics, expert_pool, mark_replica_up
+from expertmesh.serve.names import engine_deployment_name, revision_app_name
 from expertmesh.serve.remote_experts import RemoteExpertBackend
 from expertmesh.serve.traffic import choose_revision
 
@@ -161,31 +162,52 @@ class Router(GrpcServicesMixin):
     It is the OpenAI HTTP API's EngineClient, and its methods are callable through a handle.
     """
 
-    def __init__(
-        self, engines: dict[str, dict[str, DeploymentHandle]], revisions: dict[str, dict], api_key=None
-    ):
-        self.engines = {
-            m: {r: h.options(stream=True) for r, h in revs.items()} for m, revs in engines.items()
-        }
-        self.unary = engines
-        self.traffic: dict[str, dict[str, int]] = {m: {next(iter(revs)): 100} for m, revs in engines.items()}
-        self.api_key = api_key
+    def __init__(self):
+        # Everything else arrives as user_config (reconfigure): models, revisions, traffic, key.
+        self.engines: dict[str, dict[str, DeploymentHandle]] = {}
+        self.unary: dict[str, dict[str, DeploymentHandle]] = {}
+        self.traffic: dict[str, dict[str, int]] = {}
+        self.api_key: str | None = None
+        self._asgi = None
         self._infos: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
-        for model, revision in revisions.items():
-            spec = RevisionSpec.model_validate(revision)
-            self._infos[model] = ModelInfo(
-                name=model,
-                max_model_len=context_length(spec.engine, load_config(spec.source)),
-                created=int(time.time()),
-                chat_template=ChatTemplate.from_checkpoint(spec.source),
-            )
-            self._tokenizers[model] = load_tokenizer(Path(spec.source))
+        self._described: dict[str, dict] = {}  # model -> the revision spec its info was read from
 
     def __serve_build_asgi_app__(self):
-        return build_openai_app(self, api_key=self.api_key)
+        self._asgi = build_openai_app(self, api_key=self.api_key)
+        return self._asgi
 
     def reconfigure(self, user_config: dict) -> None:
+        config = ServeConfig.parse(user_config["config"], "the Router's user_config 'config'")
+        self.api_key = config.api_key
+        if self._asgi is not None:
+            self._asgi.state.api_key = config.api_key
+        unary = {
+            m.name: {
+                r.name: serve.get_deployment_handle(
+                    engine_deployment_name(m.name, r.name), revision_app_name(m.name, r.name)
+                )
+                for r in m.revisions
+            }
+            for m in config.models
+        }
+        # the first revision of each model describes it to the API (context length, chat template)
+        described = {m.name: m.revisions[0].model_dump(mode="json") for m in config.models}
+        for model, revision in described.items():
+            if self._described.get(model) != revision:
+                spec = RevisionSpec.model_validate(revision)
+                self._infos[model] = ModelInfo(
+                    name=model,
+                    max_model_len=context_length(spec.engine, load_config(spec.source)),
+                    created=int(time.time()),
+                    chat_template=ChatTemplate.from_checkpoint(spec.source),
+                )
+                self._tokenizers[model] = load_tokenizer(Path(spec.source))
+        for gone in set(self._infos) - set(described):
+            del self._infos[gone], self._tokenizers[gone]
+        self._described = described
+        self.unary = unary
+        self.engines = {m: {r: h.options(stream=True) for r, h in revs.items()} for m, revs in unary.items()}
         self.traffic = {m: dict(w) for m, w in user_config["traffic"].items()}
 
     def model_names(self) -> list[str]:

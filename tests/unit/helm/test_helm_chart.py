@@ -20,8 +20,7 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 from ray.serve.schema import ServeDeploySchema
 
-from expertmesh.config import ServeConfig
-from expertmesh.serve.app import build_app, serve_deploy_config
+from expertmesh.serve.app import APP_NAME, build_apps, platform_config, serve_deploy_config
 from expertmesh_operator.crd import CRD_NAME
 from expertmesh_operator.main import parse_args, settings_from
 from expertmesh_operator.reconcile import rayservice_manifest
@@ -162,11 +161,11 @@ def test_serve_config_v2_is_the_empty_platform_our_serve_config_describes(case):
     parsed = yaml.safe_load(text)
     # Ray Serve accepts it as a deploy config ...
     ServeDeploySchema.model_validate(parsed)
-    # ... its one application is expertmesh's, with args our ServeConfig parses back ...
+    # ... its one application is the Router's, whose user_config our ServeConfig parses back ...
     (app,) = parsed["applications"]
-    config = ServeConfig.parse(app["args"]["config"], "the chart's serveConfigV2")
-    assert config.models == []
-    build_app(config)  # an empty platform builds: the Router alone
+    config = platform_config(parsed, "the chart's serveConfigV2")
+    assert config.models == [] and app["name"] == APP_NAME
+    assert list(build_apps(config)) == [APP_NAME]  # an empty platform builds: the Router alone
     # ... and it is byte for byte what the operator writes for that config, so it starts from the same.
     expected = rayservice_manifest(rs["metadata"]["name"], NAMESPACE, serve_deploy_config(config), {})
     assert text == expected["spec"]["serveConfigV2"]

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from expertmesh.config import ServeConfig
+from expertmesh.serve.app import platform_config
 from expertmesh_operator.crd import CRD_NAME, GROUP, KIND, VERSION, ModelResource
 from expertmesh_operator.reconcile import ObservedState, reconcile
 from expertmesh_operator.semantics import spec_problems
@@ -74,8 +74,7 @@ def test_a_broken_example_is_refused_by_both_validators(name, path, bad):
 def test_the_operator_serves_all_three_examples_side_by_side():
     models = [ModelResource.from_object(load(name)) for name in EXPECTED]
     result = reconcile(models, ObservedState(), {}, now=1_000.0)
-    (app,) = result.serve_config_v2["applications"]
-    config = ServeConfig.parse(app["args"]["config"])
+    config = platform_config(result.serve_config_v2)
     by_name = {m.name: m for m in config.models}
     for file, (served, pools) in EXPECTED.items():
         model = by_name[served]

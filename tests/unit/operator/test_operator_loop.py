@@ -11,6 +11,7 @@ from fake_kube import FakeKubernetesApi
 from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.config import ServeConfig
+from expertmesh.serve.app import all_deployments, platform_config
 from expertmesh_operator.autoscale import PoolMetrics
 from expertmesh_operator.crd import FINALIZER, ROLLOUT_ANNOTATION, ModelResourceStatus
 from expertmesh_operator.loop import OperatorSettings, reconcile_once
@@ -61,7 +62,7 @@ def serve_config(fake) -> dict:
 def app_config(fake) -> ServeConfig:
     raw = serve_config(fake)
     ServeDeploySchema.model_validate(raw)  # Ray Serve accepts what we wrote
-    return ServeConfig.parse(raw["applications"][0]["args"]["config"])
+    return platform_config(raw)
 
 
 def traffic(fake) -> dict:
@@ -202,8 +203,7 @@ def test_deletion_removes_only_that_models_deployments_then_releases_it():
     config = app_config(fake)
     assert [m.name for m in config.models] == ["llama"] and config.models[0] == llama_before
     assert traffic(fake) == {"llama": {"v1": 100}}
-    deployments = [d["name"] for d in serve_config(fake)["applications"][0]["deployments"]]
-    assert not [d for d in deployments if "pangu" in d]
+    assert [a["name"] for a in serve_config(fake)["applications"]] == ["expertmesh", "llama-v1"]
     assert fake.model("pangu") is None  # finalizer released, deletion done
     assert reasons(fake, "pangu")[-1] == "Removed"
 
@@ -355,8 +355,10 @@ def test_autoscaling_scales_from_prometheus_and_holds_on_outage():
     assert ("pools", "llama", "v1", ("engine",)) in prom.asked
     st = status(fake, "llama")
     assert st.replicas_per_pool == {"engine-llama-v1": 3}
-    deployments = serve_config(fake)["applications"][0]["deployments"]
-    assert {"name": "engine-llama-v1", "num_replicas": 3} in deployments
+    assert all_deployments(serve_config(fake))["engine-llama-v1"] == {
+        "name": "engine-llama-v1",
+        "num_replicas": 3,
+    }
     assert st.condition("ScalingActive").status == "True"
     assert "ScaledUp" in reasons(fake) and st.autoscaling.history["engine-llama-v1"][-1].replicas == 3
 

@@ -5,7 +5,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.config import ServeConfig
 from expertmesh.model.config import ModelConfig, MoEConfig
-from expertmesh.serve.app import serve_deploy_config
+from expertmesh.serve.app import platform_config, serve_deploy_config
 from expertmesh_operator.crd import ROLLOUT_ANNOTATION, ModelResource
 from expertmesh_operator.reconcile import ObservedState, rayservice_manifest, reconcile
 from expertmesh_operator.rollout import AnalysisResult
@@ -37,8 +37,7 @@ def with_status(models, result):
 
 def app_args(result) -> ServeConfig:
     ServeDeploySchema.model_validate(result.serve_config_v2)  # Serve accepts it
-    app = result.serve_config_v2["applications"][0]
-    return ServeConfig.parse(app["args"]["config"])
+    return platform_config(result.serve_config_v2)
 
 
 def router_traffic(result):
@@ -143,8 +142,9 @@ def test_canary_traffic_reaches_the_router_only():
     observed = OBSERVED.model_copy(update={"analyses": {"pangu": analysis}})
     stepped = run(with_status(v2, result), observed=observed, now=T0 + 61)
     assert router_traffic(stepped) == {"pangu": {"v1": 50, "v2": 50}}
-    before, after = result.serve_config_v2["applications"][0], stepped.serve_config_v2["applications"][0]
-    assert before["args"] == after["args"]
+    # the step reconfigures the Router only: every revision's application stays as it was
+    before, after = result.serve_config_v2["applications"], stepped.serve_config_v2["applications"]
+    assert before[1:] == after[1:] and [a["name"] for a in after[1:]] == ["pangu-v1", "pangu-v2"]
     assert [e.reason for e in stepped.events] == ["CanaryStep"]
 
 
@@ -166,9 +166,9 @@ def test_autoscaler_replicas_become_deployment_overrides():
         }
     )
     result = run([model(expertParallel={"enabled": True})], observed=observed)
-    deployments = result.serve_config_v2["applications"][0]["deployments"]
-    assert {"name": "engine-pangu-v1", "num_replicas": 3} in deployments
-    assert {"name": "experts-pangu-v1-g7", "num_replicas": 4} in deployments
+    (app,) = [a for a in result.serve_config_v2["applications"] if a["name"] == "pangu-v1"]
+    assert {"name": "engine-pangu-v1", "num_replicas": 3} in app["deployments"]
+    assert {"name": "experts-pangu-v1-g7", "num_replicas": 4} in app["deployments"]
     assert result.statuses["pangu"].replicas == 3 + 8 * 4
     ServeDeploySchema.model_validate(result.serve_config_v2)
 
