@@ -92,3 +92,17 @@ def test_decode_attention_rejects_a_length_beyond_its_slots():
         module.decode_attention(
             torch.zeros(1, 1, 16), cache, cache, torch.zeros(1, 4, dtype=torch.long), torch.tensor([5]), 1.0
         )
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 32])
+@pytest.mark.parametrize("out_features,in_features", [(1, 16), (30, 48), (64, 512)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_small_linear_matches_f_linear(rows, out_features, in_features, with_bias):
+    # Column counts that do not fill a 4-column block, and row counts across the 6-row tiles.
+    module = kernels()
+    gen = torch.Generator().manual_seed(rows * out_features)
+    x = torch.randn(rows, in_features, generator=gen)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen) if with_bias else None
+    got = module.small_linear(x, weight, bias)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)

@@ -16,13 +16,13 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = ("bindings.cpp", "moe_cpu.cpp", "attention_cpu.cpp")
+SOURCES = ("bindings.cpp", "moe_cpu.cpp", "attention_cpu.cpp", "linear_cpu.cpp")
 DISABLE_ENV = "EXPERTMESH_NATIVE_KERNELS"  # set to 0 to run torch's kernels only
 
 
 @functools.cache
 def native_kernels() -> ModuleType | None:
-    """The compiled extension (`fused_experts`, `decode_attention`), or None when it cannot be built here."""
+    """The compiled extension (`fused_experts`, `decode_attention`, `small_linear`), or None if it cannot be built."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     try:

@@ -9,7 +9,7 @@ from torch import nn
 
 from expertmesh.model.config import MoEConfig
 from expertmesh.model.experts import ExpertBackend, plan_dispatch
-from expertmesh.model.layers import GatedMLP
+from expertmesh.model.layers import GatedMLP, Linear
 from expertmesh.model.routing import moge_routing, topk_routing
 
 
@@ -17,14 +17,14 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, moe: MoEConfig, layer: int):
         super().__init__()
         self.moe, self.layer = moe, layer
-        self.gate = nn.Linear(hidden_size, moe.num_experts, bias=False)
+        self.gate = Linear(hidden_size, moe.num_experts, bias=False)
         self.router_scale = nn.Parameter(torch.ones(1, moe.num_experts)) if moe.router_scale else None
         self.shared_expert = (
             GatedMLP(hidden_size, moe.shared_expert_intermediate_size)
             if moe.shared_expert_intermediate_size
             else None
         )
-        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if moe.shared_expert_gate else None
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if moe.shared_expert_gate else None
         self.backend: ExpertBackend | None = None  # set by the model once experts are placed
         self.last_expert_counts: list[int] = []  # rows per expert in the latest step, for metrics
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.model.attention import Attention, ForwardBatch, LayerKVCache
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.experts import ExpertBackend
-from expertmesh.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from expertmesh.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
 from expertmesh.model.micro_batch import split_forward_batch
 from expertmesh.model.moe import SparseMoE
 
@@ -102,4 +101,4 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+        return linear(hidden, self.lm_head.weight).float()
