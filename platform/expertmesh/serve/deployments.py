@@ -33,6 +33,7 @@ from expertmesh.engine.llm_engine import LLMEngine, context_length, load_tokeniz
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
 from expertmesh.errors import ExpertMeshError, ModelNotFoundError
+from expertmesh.kernels import native_kernels
 from expertmesh.model.experts import ExpertPartition
 from expertmesh.model.loader import load_config, load_expert_group
 from expertmesh.serve.expert_transport import ExpertGroupServer
@@ -65,6 +66,7 @@ def partition_for(spec: RevisionSpec) -> ExpertPartition:
 class ExpertGroup:
     def __init__(self, revision: dict, group: int, model: str = "unnamed"):
         torch.set_num_threads(EXPERT_THREADS)
+        native_kernels()  # build (or load) them before the replica is ready, not inside a layer's deadline
         spec = RevisionSpec.model_validate(revision)
         partition = partition_for(spec)
         self.server = ExpertGroupServer(
