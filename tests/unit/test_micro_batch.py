@@ -26,7 +26,6 @@ def step(num_decode: int, chunks: list[int], cached: int = 0) -> tuple[ForwardBa
             slot_mapping=torch.arange(100, 100 + row),
             num_decode=num_decode,
             decode_slots=torch.arange(num_decode * width).view(num_decode, width) if num_decode else None,
-            decode_mask=torch.ones(num_decode, 1, 1, width, dtype=torch.bool) if num_decode else None,
             decode_lengths=torch.full((num_decode,), width) if num_decode else None,
             prefills=spans,
         ),

@@ -6,6 +6,10 @@ import shutil
 import pytest
 import torch
 
+import expertmesh.model.attention as attention
+import expertmesh.model.experts as experts
+import expertmesh.model.layers as layers
+from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.kernels import native_kernels
 from expertmesh.model.experts import ExpertWeights
 from expertmesh.model.layers import silu_and_mul
@@ -106,3 +110,23 @@ def test_small_linear_matches_f_linear(rows, out_features, in_features, with_bia
     bias = torch.randn(out_features, generator=gen) if with_bias else None
     got = module.small_linear(x, weight, bias)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+def test_engine_gives_the_same_tokens_with_and_without_the_native_kernels(make_engine, monkeypatch):
+    # Batched greedy decode (mixed prompt lengths) through every kernel, then through torch alone.
+    kernels()
+    prompts = ["def main():", "import os\nimport sys\n\nclass Pool:", "x"]
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12)
+
+    def run() -> list[list[int]]:
+        engine = make_engine()
+        ids = [engine.add_request(p, params) for p in prompts]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        return [done[i] for i in ids]
+
+    native = run()
+    for module in (attention, experts, layers):
+        monkeypatch.setattr(module, "native_kernels", lambda: None)
+    assert run() == native

@@ -45,7 +45,7 @@ class ModelRunner:
         sample_rows: list[int] = []
 
         decodes = plan.decodes
-        decode_slots = decode_mask = lengths = None
+        decode_slots = lengths = None
         if decodes:
             lengths = torch.tensor([s.num_computed_tokens + 1 for s in decodes])
             width = int(lengths.max())
@@ -57,7 +57,6 @@ class ModelRunner:
             decode_slots = (
                 (table.unsqueeze(-1) * self.block_size + offsets).flatten(1)[:, :width].contiguous()
             )
-            decode_mask = (torch.arange(width) < lengths.unsqueeze(1)).view(len(decodes), 1, 1, width)
             last = lengths - 1
             positions.append(last)
             slot_parts.append(decode_slots[torch.arange(len(decodes)), last])
@@ -88,7 +87,6 @@ class ModelRunner:
             slot_mapping=torch.cat(slot_parts),
             num_decode=len(decodes),
             decode_slots=decode_slots,
-            decode_mask=decode_mask,
             decode_lengths=lengths,
             prefills=spans,
         )

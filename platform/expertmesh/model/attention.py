@@ -8,6 +8,7 @@ cache slots each sequence attends to.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -35,9 +36,16 @@ class ForwardBatch:
     slot_mapping: torch.Tensor | None = None  # [T] flat cache slot of each token; None: no cache
     num_decode: int = 0
     decode_slots: torch.Tensor | None = None  # [num_decode, L] context slots, padded
-    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, L] True where attended
     decode_lengths: torch.Tensor | None = None  # [num_decode] context length of each decoding sequence
     prefills: list[PrefillSpan] = field(default_factory=list)
+
+    @functools.cached_property
+    def decode_mask(self) -> torch.Tensor | None:
+        """[num_decode, 1, 1, L], True where attended: only the torch decode path needs it, once a step."""
+        if self.decode_lengths is None:
+            return None
+        width = self.decode_slots.shape[1]
+        return (torch.arange(width) < self.decode_lengths.unsqueeze(1)).view(-1, 1, 1, width)
 
 
 class LayerKVCache:

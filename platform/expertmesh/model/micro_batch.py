@@ -65,7 +65,6 @@ def split_forward_batch(batch: ForwardBatch, row: int) -> tuple[ForwardBatch, Fo
             slot_mapping=sliced(batch.slot_mapping, rows),
             num_decode=num_decode,
             decode_slots=sliced(batch.decode_slots, decodes) if num_decode else None,
-            decode_mask=sliced(batch.decode_mask, decodes) if num_decode else None,
             decode_lengths=sliced(batch.decode_lengths, decodes) if num_decode else None,
             prefills=spans,
         )
