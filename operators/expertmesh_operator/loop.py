@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from expertmesh.errors import ExpertMeshError
 from expertmesh.model.config import ModelConfig
 from expertmesh.serve.metrics import ENGINE_POOL, expert_pool
+from expertmesh.serve.names import engine_deployment_name, expert_deployment_name
 from expertmesh_operator.autoscale import PoolMetrics
 from expertmesh_operator.crd import (
     FINALIZER,
@@ -45,8 +46,6 @@ from expertmesh_operator.kube import KubeError, KubernetesApi, ObjectEvent
 from expertmesh_operator.reconcile import (
     ObservedState,
     _condition,
-    engine_deployment,
-    expert_deployment,
     rayservice_manifest,
     reconcile,
 )
@@ -202,7 +201,7 @@ def _revisions(model: ModelResource, state: RolloutState | None, pools: Mapping[
     if state is None:
         return []
     names = [r.name for r in (state.stable, state.canary) if r is not None]
-    return [n for n in names if engine_deployment(model.served_name, n) in pools]
+    return [n for n in names if engine_deployment_name(model.served_name, n) in pools]
 
 
 def _pool_metrics(
@@ -215,9 +214,9 @@ def _pool_metrics(
     """Per Serve deployment; Prometheus labels the same pools "engine" and "experts-gN"."""
     out: dict[str, PoolMetrics | None] = {}
     for revision in revisions:
-        labels = {ENGINE_POOL: engine_deployment(model.served_name, revision)}
+        labels = {ENGINE_POOL: engine_deployment_name(model.served_name, revision)}
         g = 0
-        while (deployment := expert_deployment(model.served_name, revision, g)) in pools:
+        while (deployment := expert_deployment_name(model.served_name, revision, g)) in pools:
             labels[expert_pool(g)] = deployment
             g += 1
         try:

@@ -56,10 +56,6 @@ class ReconcileResult(BaseModel):
     events: list[Event]
 
 
-engine_deployment = engine_deployment_name  # the Serve deployment names the app builder gives
-expert_deployment = expert_deployment_name
-
-
 def rfc3339(now: float) -> str:
     return datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -102,11 +98,11 @@ def _placed_pools(
     pools: dict[str, tuple[str, int]] = {}
     for record in records:
         spec, app = record.spec, revision_app_name(served, record.name)
-        engine = engine_deployment(served, record.name)
+        engine = engine_deployment_name(served, record.name)
         pools[engine] = (app, chosen.get(engine, spec.engine_replicas))
         groups = _groups(spec, observed.model_configs.get(spec.source.path()))
         for g in range(groups or 0):
-            pool = expert_deployment(served, record.name, g)
+            pool = expert_deployment_name(served, record.name, g)
             pools[pool] = (app, chosen.get(pool, spec.expert_parallel.replicas_per_group))
     return pools
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
+from expertmesh.serve.names import engine_deployment_name, expert_deployment_name
 from expertmesh_operator.autoscale import (
     PoolMetrics,
     ReplicaBounds,
@@ -23,7 +24,6 @@ from expertmesh_operator.autoscale import (
 )
 from expertmesh_operator.crd import AutoscalingStatus, ModelResource, ScaleRecommendation
 from expertmesh_operator.events import Event
-from expertmesh_operator.reconcile import engine_deployment, expert_deployment
 
 
 class ModelScaling(BaseModel):
@@ -50,7 +50,7 @@ def _compact(history: Sequence[ScaleRecommendation]) -> list[ScaleRecommendation
 
 def _expert_pools(served: str, revision: str, pools: Mapping[str, int]) -> list[str]:
     found = []
-    while (pool := expert_deployment(served, revision, len(found))) in pools:
+    while (pool := expert_deployment_name(served, revision, len(found))) in pools:
         found.append(pool)
     return found
 
@@ -88,7 +88,7 @@ def scale_model(
     decisions: dict[str, ScaleDecision] = {}
     events: list[Event] = []
     for revision in revisions:
-        engine = engine_deployment(model.served_name, revision)
+        engine = engine_deployment_name(model.served_name, revision)
         if engine in current:
             decisions[engine] = desired_replicas(
                 current[engine], metrics.get(engine), targets, engine_bounds, histories.get(engine, ()), now
