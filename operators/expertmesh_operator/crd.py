@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import yaml
@@ -155,6 +156,11 @@ class ModelResourceSpec(CamelModel):
 
 
 # ---- status -------------------------------------------------------------------------------------
+
+
+def rfc3339(at: float) -> str:
+    """A Kubernetes timestamp (conditions' lastTransitionTime, Events) from a Unix time."""
+    return datetime.fromtimestamp(at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Condition(CamelModel):

@@ -14,12 +14,11 @@ import os
 import socket
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from expertmesh_operator.crd import GROUP, KIND, PLURAL, VERSION
+from expertmesh_operator.crd import GROUP, KIND, PLURAL, VERSION, rfc3339
 
 RAY_GROUP, RAY_VERSION, RAYSERVICE_PLURAL = "ray.io", "v1", "rayservices"
 COMPONENT = "expertmesh-operator"
@@ -78,13 +77,9 @@ class KubernetesApi(Protocol):
     def post_event(self, event: ObjectEvent) -> None: ...
 
 
-def _rfc3339(at: float) -> str:
-    return datetime.fromtimestamp(at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def event_body(event: ObjectEvent) -> dict[str, Any]:
     """A core/v1 Event referencing the Model, as `kubectl describe model` lists them."""
-    stamp = _rfc3339(event.at)
+    stamp = rfc3339(event.at)
     return {
         "apiVersion": "v1",
         "kind": "Event",

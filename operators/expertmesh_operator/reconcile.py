@@ -10,7 +10,6 @@ inputs give identical outputs, so the I/O layer can compare and write nothing.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import yaml
@@ -29,6 +28,7 @@ from expertmesh_operator.crd import (
     RevisionRecord,
     RevisionTraffic,
     RolloutState,
+    rfc3339,
 )
 from expertmesh_operator.events import Event
 from expertmesh_operator.rollout import AnalysisResult, advance, weights
@@ -54,10 +54,6 @@ class ReconcileResult(BaseModel):
     serve_config_v2: dict[str, Any]
     statuses: dict[str, ModelResourceStatus]
     events: list[Event]
-
-
-def rfc3339(now: float) -> str:
-    return datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _revision_spec(record: RevisionRecord) -> RevisionSpec:
