@@ -22,29 +22,29 @@ def spec_problems(spec: ModelResourceSpec, model_config: ModelConfig | None = No
 
 
 def _replica_bounds(spec: ModelResourceSpec) -> list[str]:
-    problems = []
     ep = spec.expert_parallel
-    if ep.min_replicas_per_group > ep.max_replicas_per_group:
-        problems.append(
-            f"expertParallel.minReplicasPerGroup ({ep.min_replicas_per_group}) is above "
-            f"maxReplicasPerGroup ({ep.max_replicas_per_group}); lower the min or raise the max"
-        )
-    elif not ep.min_replicas_per_group <= ep.replicas_per_group <= ep.max_replicas_per_group:
-        problems.append(
-            f"expertParallel.replicasPerGroup ({ep.replicas_per_group}) must be within "
-            f"[{ep.min_replicas_per_group}, {ep.max_replicas_per_group}]"
-        )
-    if spec.min_engine_replicas > spec.max_engine_replicas:
-        problems.append(
-            f"minEngineReplicas ({spec.min_engine_replicas}) is above maxEngineReplicas "
-            f"({spec.max_engine_replicas}); lower the min or raise the max"
-        )
-    elif not spec.min_engine_replicas <= spec.engine_replicas <= spec.max_engine_replicas:
-        problems.append(
-            f"engineReplicas ({spec.engine_replicas}) must be within "
-            f"[{spec.min_engine_replicas}, {spec.max_engine_replicas}]"
-        )
-    return problems
+    found = [
+        _bounds_problem(
+            "expertParallel.", "replicasPerGroup", ep.replicas_per_group,
+            "minReplicasPerGroup", ep.min_replicas_per_group, "maxReplicasPerGroup", ep.max_replicas_per_group,
+        ),
+        _bounds_problem(
+            "", "engineReplicas", spec.engine_replicas,
+            "minEngineReplicas", spec.min_engine_replicas, "maxEngineReplicas", spec.max_engine_replicas,
+        ),
+    ]  # fmt: skip
+    return [problem for problem in found if problem]
+
+
+def _bounds_problem(
+    prefix: str, name: str, value: int, min_name: str, low: int, max_name: str, high: int
+) -> str | None:
+    """A min above its max, else a replica count outside [min, max]; None when all is well."""
+    if low > high:
+        return f"{prefix}{min_name} ({low}) is above {max_name} ({high}); lower the min or raise the max"
+    if not low <= value <= high:
+        return f"{prefix}{name} ({value}) must be within [{low}, {high}]"
+    return None
 
 
 def _canary_steps(spec: ModelResourceSpec) -> list[str]:
