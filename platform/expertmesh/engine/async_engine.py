@@ -14,6 +14,9 @@ from expertmesh.errors import BackendUnavailableError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
+# Called on the engine thread with each of a request's outputs; must be quick and must not raise.
+OutputSink = Callable[[RequestOutput], None]
+
 _ABORTED = object()  # put on a stream's queue by abort(): the stream ends
 
 
@@ -26,7 +29,8 @@ class AsyncLLMEngine:
         self.engine = engine
         # Called on the engine thread after each step's outputs are handed out (metrics); keep it cheap.
         self._on_step = on_step
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> (caller's loop, its queue, its sink or None)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, OutputSink | None]] = {}
         self._wake = threading.Event()
         self._stopping = False
         self._error: BaseException | None = None
@@ -34,9 +38,16 @@ class AsyncLLMEngine:
         self._thread.start()
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        sink: OutputSink | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield a RequestOutput each time the request gains text, the last one `finished`.
+
+        With a `sink`, every output goes to it instead, on the engine thread (no event-loop
+        hop per token), and only the finished one is also yielded.
 
         Leaving the iteration early (client gone, task cancelled) aborts the request and
         frees its cache.
@@ -49,7 +60,7 @@ class AsyncLLMEngine:
         request_id = request_id or self.engine.new_request_id()
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._streams[request_id] = (asyncio.get_running_loop(), queue, sink)
         try:
             self.engine.add_request(prompt, params, request_id)
         except BaseException:
@@ -90,7 +101,7 @@ class AsyncLLMEngine:
     def _send(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            loop, queue = stream
+            loop, queue, _ = stream
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def _loop(self) -> None:
@@ -107,7 +118,12 @@ class AsyncLLMEngine:
                     self._send(request_id, exc)
                 return
             for out in outputs:
-                self._send(out.request_id, out)
+                stream = self._streams.get(out.request_id)
+                sink = stream[2] if stream is not None else None
+                if sink is not None:
+                    sink(out)
+                if sink is None or out.finished:
+                    self._send(out.request_id, out)
             if self._on_step is not None:
                 try:
                     self._on_step(outputs)

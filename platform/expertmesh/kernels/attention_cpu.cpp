@@ -63,7 +63,7 @@ void attend_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   const KV* v_data = v_cache.data_ptr<KV>();
   const int64_t* slot_data = slots.data_ptr<int64_t>();
   float* out_data = out.data_ptr<float>();
-  at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  dynamic_for(seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const int64_t seq = job / kv_heads, kv_head = job % kv_heads;
       const int64_t first_head = seq * heads + kv_head * group;  // query heads sharing this KV head

@@ -72,7 +72,7 @@ at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tenso
   const float* wd = weight.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   const int64_t blocks = (columns + kColumns - 1) / kColumns;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  dynamic_for(blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t first = block * kColumns;
       column_block(xd, rows, wd + first * depth, std::min<int64_t>(kColumns, columns - first), depth, yd + first,

@@ -130,7 +130,7 @@ void run_experts(const float* x, const std::vector<int64_t>& offsets, const W* g
   // Phase 1 writes act[rows, inter] tile by tile; phase 2 reads whole act rows.
   const int64_t ldw = 2 * inter;
   auto up_jobs = jobs_for(offsets, inter, NV1 * kLanes);
-  at::parallel_for(0, static_cast<int64_t>(up_jobs.size()), 1, [&](int64_t begin, int64_t end) {
+  dynamic_for(static_cast<int64_t>(up_jobs.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const Job job = up_jobs[j];
       const int64_t first = offsets[job.expert];
@@ -140,7 +140,7 @@ void run_experts(const float* x, const std::vector<int64_t>& offsets, const W* g
     }
   });
   auto down_jobs = jobs_for(offsets, hidden, NV2 * kLanes);
-  at::parallel_for(0, static_cast<int64_t>(down_jobs.size()), 1, [&](int64_t begin, int64_t end) {
+  dynamic_for(static_cast<int64_t>(down_jobs.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const Job job = down_jobs[j];
       const int64_t first = offsets[job.expert];

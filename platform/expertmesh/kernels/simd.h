@@ -3,6 +3,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 
 #include <cstdint>
 
@@ -32,6 +36,19 @@ inline float sum_lanes(v16 v) {
   float total = 0.0f;
   for (int l = 0; l < kLanes; ++l) total += v[l];
   return total;
+}
+
+// fn(begin, end) over [0, n) in chunks of `chunk`, handed out one at a time to the intra-op
+// threads. Unlike at::parallel_for's fixed split, a thread that the OS preempts (other
+// processes share the cores when serving) or that got heavier jobs holds up at most one
+// chunk: the others take the rest.
+template <typename F>
+void dynamic_for(int64_t n, int64_t chunk, const F& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t begin = next.fetch_add(chunk); begin < n; begin = next.fetch_add(chunk)) fn(begin, std::min(n, begin + chunk));
+  });
 }
 
 }  // namespace expertmesh

@@ -10,10 +10,12 @@ scales the replicas.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from expertmesh.serve.expert_transport import ExpertGroupServer
 from expertmesh.serve.metrics import EngineMetrics, expert_pool, mark_replica_up
 from expertmesh.serve.names import engine_deployment_name, revision_app_name
 from expertmesh.serve.remote_experts import RemoteExpertBackend
+from expertmesh.serve.token_stream import DeltaReceiver, OutputAssembler, StepPublisher
 from expertmesh.serve.traffic import choose_revision
 
 logger = logging.getLogger("ray.serve")
@@ -103,6 +106,7 @@ class Engine:
             spec.source, spec.dtype, spec.engine, load_experts=not expert_groups
         )
         self.async_engine: AsyncLLMEngine | None = None
+        self.publisher = StepPublisher()
         self._ready = asyncio.Lock()
         # metrics: the groups are the pools, or (colocated) the MoGE groups / default top-k split
         groups = self.partition or (partition_for(spec) if self.engine.model.config.moe else None)
@@ -117,8 +121,12 @@ class Engine:
                     self.engine.model.set_expert_backend(self.backend)
                     self.metrics.watch_expert_backend(self.backend)
                     self._refresher = asyncio.get_running_loop().create_task(self._refresh_endpoints())
-                self.async_engine = AsyncLLMEngine(self.engine, on_step=self.metrics.after_step)
+                self.async_engine = AsyncLLMEngine(self.engine, on_step=self._after_step)
         return self.async_engine
+
+    def _after_step(self, outputs: list[RequestOutput]) -> None:
+        self.publisher.flush()  # first: the tokens are waiting
+        self.metrics.after_step(outputs)
 
     async def _expert_endpoints(self) -> dict[int, list[str]]:
         return {
@@ -135,17 +143,20 @@ class Engine:
             except Exception:  # a pool mid-restart: keep the old endpoints, try again later
                 logger.warning("could not refresh expert endpoints", exc_info=True)
 
-    async def generate(
-        self, prompt: str | list[int], params: SamplingParams | dict, request_id: str | None = None
-    ):
-        # metrics: outcome, time to first token, time per output token of every request
-        async for out in self.metrics.track(self._generate(prompt, params, request_id)):
-            yield out
+    async def run_request(
+        self, prompt: str | list[int], params: SamplingParams | dict, request_id: str, reply_to: str
+    ) -> RequestOutput:
+        """Run one request; its tokens go to the Router's token stream at `reply_to` each step
+        (see token_stream.py). Returns the final output. Cancelling the call aborts the request."""
+        sink = functools.partial(self.publisher.add, reply_to)
+        # only the finished output comes out here. metrics: outcome, time to first token, time per output token
+        outputs = [out async for out in self.metrics.track(self._generate(prompt, params, request_id, sink))]
+        return outputs[-1]
 
-    async def _generate(self, prompt, params, request_id):
+    async def _generate(self, prompt, params, request_id, sink):
         engine = await self._start()
         params = params if isinstance(params, SamplingParams) else SamplingParams(**params)
-        async for out in engine.generate(prompt, params, request_id):
+        async for out in engine.generate(prompt, params, request_id, sink):
             yield out
 
     def info(self) -> dict:
@@ -167,13 +178,13 @@ class Router(GrpcServicesMixin):
     def __init__(self):
         # Everything else arrives as user_config (reconfigure): models, revisions, traffic, key.
         self.engines: dict[str, dict[str, DeploymentHandle]] = {}
-        self.unary: dict[str, dict[str, DeploymentHandle]] = {}
         self.traffic: dict[str, dict[str, int]] = {}
         self.api_key: str | None = None
         self._asgi = None
         self._infos: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
         self._described: dict[str, dict] = {}  # model -> the revision spec its info was read from
+        self._receiver: DeltaReceiver | None = None  # the Engines' token streams, bound on first use
 
     def __serve_build_asgi_app__(self):
         self._asgi = build_openai_app(self, api_key=self.api_key)
@@ -184,7 +195,7 @@ class Router(GrpcServicesMixin):
         self.api_key = config.api_key
         if self._asgi is not None:
             self._asgi.state.api_key = config.api_key
-        unary = {
+        engines = {
             m.name: {
                 r.name: serve.get_deployment_handle(
                     engine_deployment_name(m.name, r.name), revision_app_name(m.name, r.name)
@@ -208,8 +219,7 @@ class Router(GrpcServicesMixin):
         for gone in set(self._infos) - set(described):
             del self._infos[gone], self._tokenizers[gone]
         self._described = described
-        self.unary = unary
-        self.engines = {m: {r: h.options(stream=True) for r, h in revs.items()} for m, revs in unary.items()}
+        self.engines = engines
         self.traffic = {m: dict(w) for m, w in user_config["traffic"].items()}
 
     def model_names(self) -> list[str]:
@@ -236,8 +246,43 @@ class Router(GrpcServicesMixin):
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         revision = self.revision_for(model)
-        async for out in self.engines[model][revision].generate.remote(prompt, params, request_id):
-            yield out
+        if self._receiver is None:
+            self._receiver = DeltaReceiver(ray.util.get_node_ip_address())
+        request_id = request_id or uuid.uuid4().hex
+        deltas = self._receiver.open(request_id)
+        call = self.engines[model][revision].run_request.remote(
+            prompt, params, request_id, self._receiver.endpoint
+        )
+        result = asyncio.ensure_future(_await(call))
+        assembler = OutputAssembler(request_id)
+        next_delta = None
+        try:
+            while True:
+                next_delta = next_delta or asyncio.ensure_future(deltas.get())
+                await asyncio.wait((next_delta, result), return_when=asyncio.FIRST_COMPLETED)
+                if next_delta.done():
+                    out = assembler.add(next_delta.result())
+                    next_delta = None
+                    yield out
+                    if out.finished:
+                        return
+                else:  # the call ended first: raise its error, or end with its final output
+                    final = result.result()
+                    while not deltas.empty():
+                        yield assembler.add(deltas.get_nowait())
+                    yield assembler.finish(final)
+                    return
+        finally:
+            self._receiver.close(request_id)
+            if next_delta is not None:
+                next_delta.cancel()
+            if not result.done():
+                call.cancel()  # Serve cancels the Engine's task, which aborts the request
+                result.cancel()
 
     async def engine_info(self, model: str, revision: str) -> dict:
-        return await self.unary[model][revision].info.remote()
+        return await self.engines[model][revision].info.remote()
+
+
+async def _await(response):
+    return await response
