@@ -1,7 +1,8 @@
 """Serving overhead and expert-parallel cost, measured in one run on one machine.
 
 Workload: the `small` pangu_pro_moe checkpoint (MoGE, 8 groups), 16 prompts x 64
-random tokens, 32 new tokens each, greedy, EOS ignored, all requests at once.
+random tokens, 32 new tokens each, greedy, EOS ignored, all requests at once. Every
+path runs the workload once untimed (warm-up), then once timed.
 
 - `served/in-process`: the same workload over gRPC (`expertmesh.v1.Generation`
   streaming Generate) through Ray Serve's proxy (proxy -> router -> engine),
@@ -92,7 +93,9 @@ def run_in_process(prompts: list[list[int]]) -> tuple[float, float]:
     )
     model.set_expert_backend(counting)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)  # warm-up
+    llm.generate(
+        prompts, params, use_tqdm=False
+    )  # warm-up: the same workload, untimed, as for the served runs
     counting.rows_per_group = [0] * len(counting.rows_per_group)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -119,7 +122,7 @@ async def run_served_grpc(target: str, model: str, prompts: list[list[int]]) -> 
                     tokens += len(message.delta.token_ids)
             return tokens
 
-        await one(prompts[0][:8])  # warm-up
+        await asyncio.gather(*(one(p) for p in prompts))  # warm-up: the same workload, untimed
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
         return tokens / (time.perf_counter() - start)
@@ -130,7 +133,9 @@ async def run_served(base_url: str, model: str, prompts: list[list[int]]) -> flo
 
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
     body = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
-    await client.completions.create(model=model, prompt=prompts[0][:8], max_tokens=2)  # warm-up
+    await asyncio.gather(
+        *(client.completions.create(model=model, prompt=p, **body) for p in prompts)
+    )  # warm-up
     start = time.perf_counter()
     replies = await asyncio.gather(
         *(client.completions.create(model=model, prompt=p, **body) for p in prompts)

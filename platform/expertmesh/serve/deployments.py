@@ -265,6 +265,7 @@ class Router(GrpcServicesMixin):
                     next_delta = None
                     yield out
                     if out.finished:
+                        await result  # the call is ending too; cancelling it would cost the Engine more
                         return
                 else:  # the call ended first: raise its error, or end with its final output
                     final = result.result()
