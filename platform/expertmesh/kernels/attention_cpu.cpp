@@ -2,8 +2,8 @@
 //
 // Each decoding sequence has one query token. The torch path first gathers every
 // sequence's K and V into a padded [n, L] copy and then runs SDPA over it, touching
-// the cache twice and the padding too; here each (sequence, KV head) job reads its
-// own cache slots once, for all the query heads that share that KV head.
+// the cache twice and the padding too; here each sequence's job reads its own cache
+// slots once, whole rows (every KV head) at a time, for all the query heads.
 
 #include <ATen/Parallel.h>
 
@@ -16,39 +16,42 @@
 namespace expertmesh {
 namespace {
 
+// One sequence, every head. Position by position it reads the whole cache row (all KV
+// heads, contiguous; a 16-slot block is one contiguous run), so the hardware prefetcher
+// streams K and V instead of striding through them one KV head at a time.
 template <typename KV>
 void attend(const float* q, const KV* k_cache, const KV* v_cache, const int64_t* slots, int64_t length,
-            int64_t kv_head, int64_t kv_heads, int64_t group, int64_t dim, float scale, float* out) {
-  const int64_t vectors = dim / kLanes;
+            int64_t kv_heads, int64_t group, int64_t dim, float scale, float* out) {
+  const int64_t vectors = dim / kLanes, heads = kv_heads * group;
   const int64_t row = kv_heads * dim;  // one cache slot holds every KV head
-  std::vector<float> scores(group * length);
+  std::vector<float> scores(heads * length);  // [head, position]
   for (int64_t j = 0; j < length; ++j) {
-    const KV* key = k_cache + slots[j] * row + kv_head * dim;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* query = q + g * dim;
+    const KV* key_row = k_cache + slots[j] * row;
+    for (int64_t h = 0; h < heads; ++h) {
+      const KV* key = key_row + (h / group) * dim;
+      const float* query = q + h * dim;
       v16 acc{};
       for (int64_t v = 0; v < vectors; ++v) acc += load(query + v * kLanes) * load(key + v * kLanes);
-      scores[g * length + j] = sum_lanes(acc) * scale;
+      scores[h * length + j] = sum_lanes(acc) * scale;
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores.data() + g * length;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores.data() + h * length;
     float peak = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < length; ++j) peak = std::max(peak, s[j]);
     float total = 0.0f;
     for (int64_t j = 0; j < length; ++j) total += (s[j] = std::exp(s[j] - peak));
-    for (int64_t j = 0; j < length; ++j) s[j] /= total;
+    const float inverse = 1.0f / total;
+    for (int64_t j = 0; j < length; ++j) s[j] *= inverse;
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t v = 0; v < vectors; ++v) store(out + g * dim + v * kLanes, v16{});
+  for (int64_t i = 0; i < heads * vectors; ++i) store(out + i * kLanes, v16{});
   for (int64_t j = 0; j < length; ++j) {
-    const KV* value = v_cache + slots[j] * row + kv_head * dim;
-    for (int64_t v = 0; v < vectors; ++v) {
-      const v16 x = load(value + v * kLanes);
-      for (int64_t g = 0; g < group; ++g) {
-        float* dst = out + g * dim + v * kLanes;
-        store(dst, load(dst) + broadcast(scores[g * length + j]) * x);
-      }
+    const KV* value_row = v_cache + slots[j] * row;
+    for (int64_t h = 0; h < heads; ++h) {
+      const KV* value = value_row + (h / group) * dim;
+      const v16 weight = broadcast(scores[h * length + j]);
+      float* dst = out + h * dim;
+      for (int64_t v = 0; v < vectors; ++v) store(dst + v * kLanes, load(dst + v * kLanes) + weight * load(value + v * kLanes));
     }
   }
 }
@@ -63,13 +66,10 @@ void attend_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   const KV* v_data = v_cache.data_ptr<KV>();
   const int64_t* slot_data = slots.data_ptr<int64_t>();
   float* out_data = out.data_ptr<float>();
-  dynamic_for(seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t job = begin; job < end; ++job) {
-      const int64_t seq = job / kv_heads, kv_head = job % kv_heads;
-      const int64_t first_head = seq * heads + kv_head * group;  // query heads sharing this KV head
-      attend<KV>(q_data + first_head * dim, k_data, v_data, slot_data + seq * width, lengths[seq], kv_head,
-                 kv_heads, group, dim, scale, out_data + first_head * dim);
-    }
+  dynamic_for(seqs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t seq = begin; seq < end; ++seq)
+      attend<KV>(q_data + seq * heads * dim, k_data, v_data, slot_data + seq * width, lengths[seq], kv_heads, group,
+                 dim, scale, out_data + seq * heads * dim);
   });
 }
 
