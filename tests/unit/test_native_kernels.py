@@ -64,6 +64,29 @@ def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_prefill_sized_fp32_batches_take_the_fused_kernel_and_match_matmuls(monkeypatch):
+    # fp32 experts run the fused kernel at every batch size (hundreds of rows per expert in a
+    # prefill chunk); the result must equal the per-expert matmul path.
+    module = kernels()
+    gen = torch.Generator().manual_seed(7)
+    counts = [300, 0, 41, 129, 7, 256]
+    x = torch.randn(sum(counts), 64, generator=gen)
+    batch = experts.ExpertBatch(x, torch.rand(sum(counts), generator=gen), counts)
+    w = make_weights(len(counts), 64, 48, seed=7)
+    calls = []
+
+    class CountingKernels:
+        def fused_experts(self, *args):
+            calls.append(args[1].tolist())
+            return module.fused_experts(*args)
+
+    monkeypatch.setattr(experts, "native_kernels", CountingKernels)
+    got = experts.apply_experts(w, batch)
+    assert calls == [[0, 300, 300, 341, 470, 477, 733]]  # one call, every expert's rows
+    want = experts._apply_looped(w, batch).mul_(batch.weights.unsqueeze(1))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 64), (6, 3, 32)])
 def test_decode_attention_matches_softmax_over_the_gathered_context(heads, kv_heads, dim, cache_dtype):
