@@ -38,11 +38,12 @@ def test_native_kernels_build_where_a_compiler_exists():
     assert native_kernels() is not None, "the native kernels failed to build; see the warning log"
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden,inter", [(16, 16), (48, 32), (64, 48), (128, 96)])
-def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype):
+def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype, packed):
     # Row counts 0..13 per expert cross the kernel's 6-row register tiles; the sizes
-    # exercise 1, 2 and 4 vectors per column block.
+    # exercise 1, 2 and 4 vectors per column block, in the canonical and the packed layout.
     module = kernels()
     gen = torch.Generator().manual_seed(hidden + inter)
     counts = [0, 1, 5, 6, 7, 13, 12, 2]
@@ -51,9 +52,8 @@ def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype):
     row_weights = torch.rand(rows, generator=gen)
     w = make_weights(len(counts), hidden, inter, seed=inter)
     w = ExpertWeights(w.gate_up.to(dtype), w.down.to(dtype))
-    got = module.fused_experts(
-        x, torch.tensor([0, *itertools.accumulate(counts)]), w.gate_up, w.down, row_weights
-    )
+    layout = w.kernel_layout(module) if packed else (w.gate_up, w.down)
+    got = module.fused_experts(x, torch.tensor([0, *itertools.accumulate(counts)]), *layout, row_weights)
     expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     want = torch.stack(
         [
@@ -76,13 +76,15 @@ def test_prefill_sized_fp32_batches_take_the_fused_kernel_and_match_matmuls(monk
     calls = []
 
     class CountingKernels:
+        pack_experts = staticmethod(module.pack_experts)
+
         def fused_experts(self, *args):
-            calls.append(args[1].tolist())
+            calls.append((args[1].tolist(), args[2].dim()))
             return module.fused_experts(*args)
 
     monkeypatch.setattr(experts, "native_kernels", CountingKernels)
     got = experts.apply_experts(w, batch)
-    assert calls == [[0, 300, 300, 341, 470, 477, 733]]  # one call, every expert's rows
+    assert calls == [([0, 300, 300, 341, 470, 477, 733], 5)]  # one call, every expert, packed weights
     want = experts._apply_looped(w, batch).mul_(batch.weights.unsqueeze(1))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 

@@ -4,13 +4,15 @@
 namespace expertmesh {
 at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_up, at::Tensor down,
                          at::Tensor row_weights);
+std::vector<at::Tensor> pack_experts(at::Tensor gate_up, at::Tensor down);
 at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots,
                             at::Tensor lengths, double scale);
 at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 }  // namespace expertmesh
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_experts", &expertmesh::fused_experts, "SwiGLU experts over rows sorted by expert (decode sizes)");
+  m.def("fused_experts", &expertmesh::fused_experts, "SwiGLU experts over rows sorted by expert");
+  m.def("pack_experts", &expertmesh::pack_experts, "expert weights in fused_experts' job order (contiguous blocks)");
   m.def("decode_attention", &expertmesh::decode_attention, "one-token attention read from the paged KV cache");
   m.def("small_linear", &expertmesh::small_linear, "x W^T (+ b) for a few rows, W as nn.Linear stores it",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());

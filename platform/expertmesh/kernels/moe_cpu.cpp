@@ -23,9 +23,11 @@ namespace {
 
 constexpr int kMaxRowTile = 6;  // rows kept in registers: 6 rows x 4 vectors = 24 accumulators
 
-// act[m, j] = silu(x[m] . Wg[:, j]) * (x[m] . Wu[:, j]) for NV*16 columns j starting at w.
+// act[m, j] = silu(x[m] . Wg[:, j]) * (x[m] . Wu[:, j]) for NV*16 columns j: row k of the
+// block holds its gate columns at w + k * ldw and its up columns `up_offset` further.
 template <int MT, int NV, typename W>
-void gate_up_tile(const float* x, int64_t hidden, const W* w, int64_t ldw, int64_t inter, float* act) {
+void gate_up_tile(const float* x, int64_t hidden, const W* w, int64_t ldw, int64_t up_offset, int64_t inter,
+                  float* act) {
   v16 gate[MT][NV] = {};
   v16 up[MT][NV] = {};
   for (int64_t k = 0; k < hidden; ++k) {
@@ -33,7 +35,7 @@ void gate_up_tile(const float* x, int64_t hidden, const W* w, int64_t ldw, int64
     v16 wg[NV], wu[NV];
     for (int v = 0; v < NV; ++v) {
       wg[v] = load(row + v * kLanes);
-      wu[v] = load(row + inter + v * kLanes);
+      wu[v] = load(row + up_offset + v * kLanes);
     }
     for (int m = 0; m < MT; ++m) {
       v16 xm = broadcast(x[m * hidden + k]);
@@ -54,12 +56,13 @@ void gate_up_tile(const float* x, int64_t hidden, const W* w, int64_t ldw, int64
   }
 }
 
-// out[m, n] = weight[m] * (act[m] . Wd[:, n]) for NV*16 columns n starting at w.
+// out[m, n] = weight[m] * (act[m] . Wd[:, n]) for NV*16 columns n; row k of the block at w + k * ldw.
 template <int MT, int NV, typename W>
-void down_tile(const float* act, int64_t inter, const W* w, int64_t hidden, const float* row_weight, float* out) {
+void down_tile(const float* act, int64_t inter, const W* w, int64_t ldw, int64_t hidden, const float* row_weight,
+               float* out) {
   v16 acc[MT][NV] = {};
   for (int64_t k = 0; k < inter; ++k) {
-    const W* row = w + k * hidden;
+    const W* row = w + k * ldw;
     v16 wd[NV];
     for (int v = 0; v < NV; ++v) wd[v] = load(row + v * kLanes);
     for (int m = 0; m < MT; ++m) {
@@ -92,8 +95,9 @@ template <int NV, typename W>
 struct GateUp {
   template <int MT>
   struct Tile {
-    static void run(int64_t r, const float* x, int64_t hidden, const W* w, int64_t ldw, int64_t inter, float* act) {
-      gate_up_tile<MT, NV, W>(x + r * hidden, hidden, w, ldw, inter, act + r * inter);
+    static void run(int64_t r, const float* x, int64_t hidden, const W* w, int64_t ldw, int64_t up_offset,
+                    int64_t inter, float* act) {
+      gate_up_tile<MT, NV, W>(x + r * hidden, hidden, w, ldw, up_offset, inter, act + r * inter);
     }
   };
 };
@@ -102,9 +106,9 @@ template <int NV, typename W>
 struct Down {
   template <int MT>
   struct Tile {
-    static void run(int64_t r, const float* act, int64_t inter, const W* w, int64_t hidden, const float* weight,
-                    float* out) {
-      down_tile<MT, NV, W>(act + r * inter, inter, w, hidden, weight + r, out + r * hidden);
+    static void run(int64_t r, const float* act, int64_t inter, const W* w, int64_t ldw, int64_t hidden,
+                    const float* weight, float* out) {
+      down_tile<MT, NV, W>(act + r * inter, inter, w, ldw, hidden, weight + r, out + r * hidden);
     }
   };
 };
@@ -124,46 +128,62 @@ std::vector<Job> jobs_for(const std::vector<int64_t>& offsets, int64_t columns, 
   return jobs;
 }
 
+// Which column-block widths (in vectors) the kernel uses for these sizes: the up phase
+// NV1 * 16 intermediate columns a job, the down phase NV2 * 16 hidden columns a job.
+struct Widths {
+  int up, down;
+};
+
+Widths widths_for(int64_t hidden, int64_t inter) {
+  return {inter % (2 * kLanes) == 0 ? 2 : 1, hidden % (4 * kLanes) == 0 ? 4 : (hidden % (2 * kLanes) == 0 ? 2 : 1)};
+}
+
+// `packed`: the weights are in pack_experts' layout, so each job's block is one contiguous
+// run; otherwise a job reads a narrow column slice of every weight row.
 template <typename W, int NV1, int NV2>
-void run_experts(const float* x, const std::vector<int64_t>& offsets, const W* gate_up, const W* down,
+void run_experts(const float* x, const std::vector<int64_t>& offsets, const W* gate_up, const W* down, bool packed,
                  const float* row_weight, int64_t hidden, int64_t inter, float* act, float* out) {
   // Phase 1 writes act[rows, inter] tile by tile; phase 2 reads whole act rows.
-  const int64_t ldw = 2 * inter;
-  auto up_jobs = jobs_for(offsets, inter, NV1 * kLanes);
+  constexpr int64_t kUp = NV1 * kLanes, kDown = NV2 * kLanes;
+  const int64_t up_ldw = packed ? 2 * kUp : 2 * inter, up_offset = packed ? kUp : inter;
+  const int64_t down_ldw = packed ? kDown : hidden;
+  auto up_jobs = jobs_for(offsets, inter, kUp);
   dynamic_for(static_cast<int64_t>(up_jobs.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const Job job = up_jobs[j];
       const int64_t first = offsets[job.expert];
-      const W* w = gate_up + job.expert * hidden * ldw + job.column;
+      const W* w = packed ? gate_up + (job.expert * (inter / kUp) + job.column / kUp) * hidden * 2 * kUp
+                          : gate_up + job.expert * hidden * 2 * inter + job.column;
       over_row_tiles<GateUp<NV1, W>::template Tile>(offsets[job.expert + 1] - first, x + first * hidden, hidden, w,
-                                                    ldw, inter, act + first * inter + job.column);
+                                                    up_ldw, up_offset, inter, act + first * inter + job.column);
     }
   });
-  auto down_jobs = jobs_for(offsets, hidden, NV2 * kLanes);
+  auto down_jobs = jobs_for(offsets, hidden, kDown);
   dynamic_for(static_cast<int64_t>(down_jobs.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const Job job = down_jobs[j];
       const int64_t first = offsets[job.expert];
-      const W* w = down + job.expert * inter * hidden + job.column;
+      const W* w = packed ? down + (job.expert * (hidden / kDown) + job.column / kDown) * inter * kDown
+                          : down + job.expert * inter * hidden + job.column;
       over_row_tiles<Down<NV2, W>::template Tile>(offsets[job.expert + 1] - first, act + first * inter, inter, w,
-                                                  hidden, row_weight + first, out + first * hidden + job.column);
+                                                  down_ldw, hidden, row_weight + first, out + first * hidden + job.column);
     }
   });
 }
 
 template <typename W>
-void dispatch_widths(const float* x, const std::vector<int64_t>& offsets, const W* gate_up, const W* down,
+void dispatch_widths(const float* x, const std::vector<int64_t>& offsets, const W* gate_up, const W* down, bool packed,
                      const float* row_weight, int64_t hidden, int64_t inter, float* act, float* out) {
-  const bool wide_up = inter % (2 * kLanes) == 0;
-  const int down_vectors = hidden % (4 * kLanes) == 0 ? 4 : (hidden % (2 * kLanes) == 0 ? 2 : 1);
-#define EXPERTMESH_RUN(NV1, NV2) run_experts<W, NV1, NV2>(x, offsets, gate_up, down, row_weight, hidden, inter, act, out)
-  if (wide_up) {
-    if (down_vectors == 4) EXPERTMESH_RUN(2, 4);
-    else if (down_vectors == 2) EXPERTMESH_RUN(2, 2);
+  const Widths widths = widths_for(hidden, inter);
+#define EXPERTMESH_RUN(NV1, NV2) \
+  run_experts<W, NV1, NV2>(x, offsets, gate_up, down, packed, row_weight, hidden, inter, act, out)
+  if (widths.up == 2) {
+    if (widths.down == 4) EXPERTMESH_RUN(2, 4);
+    else if (widths.down == 2) EXPERTMESH_RUN(2, 2);
     else EXPERTMESH_RUN(2, 1);
   } else {
-    if (down_vectors == 4) EXPERTMESH_RUN(1, 4);
-    else if (down_vectors == 2) EXPERTMESH_RUN(1, 2);
+    if (widths.down == 4) EXPERTMESH_RUN(1, 4);
+    else if (widths.down == 2) EXPERTMESH_RUN(1, 2);
     else EXPERTMESH_RUN(1, 1);
   }
 #undef EXPERTMESH_RUN
@@ -171,9 +191,28 @@ void dispatch_widths(const float* x, const std::vector<int64_t>& offsets, const 
 
 }  // namespace
 
+// Copies of gate_up [E, H, 2I] and down [E, I, H] in the kernel's job order: gate_up as
+// [E, I / U, H, 2, U] (a job's U gate and U up columns, row after row, contiguous) and down
+// as [E, H / D, I, D], where U and D are the column-block widths the kernel picks for
+// these sizes. A decode step then streams each block as one run instead of 128-256-byte
+// slices of every row.
+std::vector<at::Tensor> pack_experts(at::Tensor gate_up, at::Tensor down) {
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3, "pack_experts takes gate_up [E, H, 2I] and down [E, I, H]");
+  const int64_t experts = gate_up.size(0), hidden = gate_up.size(1), inter = down.size(1);
+  TORCH_CHECK(gate_up.size(2) == 2 * inter && down.size(2) == hidden && down.size(0) == experts,
+              "gate_up and down shapes do not match");
+  TORCH_CHECK(inter % kLanes == 0 && hidden % kLanes == 0, "hidden and intermediate sizes must be multiples of 16");
+  const Widths widths = widths_for(hidden, inter);
+  const int64_t up = widths.up * kLanes, dn = widths.down * kLanes;
+  auto packed_up = gate_up.view({experts, hidden, 2, inter / up, up}).permute({0, 3, 1, 2, 4}).contiguous();
+  auto packed_down = down.view({experts, inter, hidden / dn, dn}).permute({0, 2, 1, 3}).contiguous();
+  return {packed_up, packed_down};
+}
+
 // hidden [R, H] fp32, rows sorted by expert; offsets [E + 1] int64 (expert e owns rows
-// offsets[e]..offsets[e+1]); gate_up [E, H, 2I] and down [E, I, H], both fp32 or both bf16;
-// row_weights [R] fp32. Returns the weighted expert outputs [R, H] fp32 in row order.
+// offsets[e]..offsets[e+1]); gate_up [E, H, 2I] and down [E, I, H] (or both as pack_experts
+// returns them), both fp32 or both bf16; row_weights [R] fp32. Returns the weighted expert
+// outputs [R, H] fp32 in row order.
 at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_up, at::Tensor down,
                          at::Tensor row_weights) {
   TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.is_contiguous(), "hidden must be contiguous fp32");
@@ -183,9 +222,22 @@ at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_
   TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous(), "expert weights must be contiguous");
   TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "gate_up and down must share a dtype");
   const int64_t rows = hidden.size(0), width = hidden.size(1);
-  const int64_t inter = down.size(1);
-  TORCH_CHECK(gate_up.size(1) == width && gate_up.size(2) == 2 * inter && down.size(2) == width,
-              "expert weight shapes do not match hidden");
+  const bool packed = gate_up.dim() == 5;
+  int64_t inter;
+  if (packed) {
+    TORCH_CHECK(down.dim() == 4 && gate_up.size(2) == width && gate_up.size(3) == 2,
+                "packed expert weights must be [E, I/U, H, 2, U] and [E, H/D, I, D]");
+    inter = gate_up.size(1) * gate_up.size(4);
+    const Widths widths = widths_for(width, inter);
+    TORCH_CHECK(gate_up.size(4) == widths.up * kLanes && down.size(3) == widths.down * kLanes &&
+                    down.size(1) * down.size(3) == width && down.size(2) == inter,
+                "expert weights were packed for other sizes; pack them with pack_experts");
+  } else {
+    inter = down.size(1);
+    TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(1) == width && gate_up.size(2) == 2 * inter &&
+                    down.size(2) == width,
+                "expert weight shapes do not match hidden");
+  }
   TORCH_CHECK(inter % kLanes == 0 && width % kLanes == 0, "hidden and intermediate sizes must be multiples of 16");
   TORCH_CHECK(offsets.numel() == gate_up.size(0) + 1, "offsets must have num_experts + 1 entries");
   auto offsets_cpu = offsets.contiguous();
@@ -195,12 +247,12 @@ at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_
   auto act = at::empty({rows, inter}, hidden.options());
   auto out = at::empty({rows, width}, hidden.options());
   if (gate_up.scalar_type() == at::kFloat) {
-    dispatch_widths<float>(hidden.data_ptr<float>(), bounds, gate_up.data_ptr<float>(), down.data_ptr<float>(),
+    dispatch_widths<float>(hidden.data_ptr<float>(), bounds, gate_up.data_ptr<float>(), down.data_ptr<float>(), packed,
                            row_weights.data_ptr<float>(), width, inter, act.data_ptr<float>(), out.data_ptr<float>());
   } else {
     TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16, "expert weights must be fp32 or bf16");
     dispatch_widths<at::BFloat16>(hidden.data_ptr<float>(), bounds, gate_up.data_ptr<at::BFloat16>(),
-                                  down.data_ptr<at::BFloat16>(), row_weights.data_ptr<float>(), width, inter,
+                                  down.data_ptr<at::BFloat16>(), packed, row_weights.data_ptr<float>(), width, inter,
                                   act.data_ptr<float>(), out.data_ptr<float>());
   }
   return out;

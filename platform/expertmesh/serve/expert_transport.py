@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from expertmesh.model.experts import ExpertBatch, ExpertWeights, apply_experts
+from expertmesh.model.experts import ExpertBatch, ExpertWeights, apply_experts, prepare_for_kernels
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -63,6 +63,7 @@ class ExpertGroupServer:
 
     def __init__(self, weights: dict[int, ExpertWeights], host: str = "127.0.0.1", port: int = 0):
         self.weights = weights
+        prepare_for_kernels(weights.values())
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
