@@ -137,6 +137,29 @@ def test_small_linear_matches_f_linear(rows, out_features, in_features, with_bia
     torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 32])
+@pytest.mark.parametrize("out_features,in_features", [(16, 16), (32, 48), (48, 32), (192, 512)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_matches_f_linear(rows, out_features, in_features, with_bias):
+    # Out-features that pack into 1-, 2- and 4-vector column blocks, rows across the 6-row tiles.
+    module = kernels()
+    gen = torch.Generator().manual_seed(rows * out_features + in_features)
+    x = torch.randn(rows, in_features, generator=gen)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen) if with_bias else None
+    got = module.packed_linear(x, module.pack_linear(weight), bias)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_repacks_a_weight_that_was_written_to():
+    kernels()
+    x = torch.randn(4, 32)
+    weight = torch.randn(64, 32)
+    torch.testing.assert_close(layers.linear(x, weight), x @ weight.T, atol=1e-4, rtol=1e-5)
+    weight.mul_(-2.0)  # e.g. weights loaded into a module after its first forward pass
+    torch.testing.assert_close(layers.linear(x, weight), x @ weight.T, atol=1e-4, rtol=1e-5)
+
+
 def test_engine_gives_the_same_tokens_with_and_without_the_native_kernels(make_engine, monkeypatch):
     # Batched greedy decode (mixed prompt lengths) through every kernel, then through torch alone.
     kernels()

@@ -8,6 +8,8 @@ std::vector<at::Tensor> pack_experts(at::Tensor gate_up, at::Tensor down);
 at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots,
                             at::Tensor lengths, double scale);
 at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
+at::Tensor pack_linear(at::Tensor weight);
+at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias);
 }  // namespace expertmesh
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,4 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &expertmesh::decode_attention, "one-token attention read from the paged KV cache");
   m.def("small_linear", &expertmesh::small_linear, "x W^T (+ b) for a few rows, W as nn.Linear stores it",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("pack_linear", &expertmesh::pack_linear, "an [N, K] weight in packed_linear's column-block layout");
+  m.def("packed_linear", &expertmesh::packed_linear, "x W^T (+ b) for a few rows, W packed by pack_linear",
+        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
 }

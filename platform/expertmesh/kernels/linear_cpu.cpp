@@ -82,4 +82,93 @@ at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tenso
   return y;
 }
 
+// ---- input-major variant: weights packed once into column blocks --------------------
+//
+// At 32 rows the dot-product kernel above is compute-bound and pays a horizontal sum per
+// output. Packed as [N / C, K, C], a column block is one contiguous stream; per input
+// feature k the tile loads C / 16 weight vectors and broadcasts x[m, k] for each of its
+// rows, so every FMA lands on a register accumulator and nothing is reduced at the end.
+
+namespace {
+
+constexpr int kPackedRowTile = 6;  // 6 rows x 4 vectors = 24 accumulators
+
+int64_t packed_block_width(int64_t columns) {
+  return columns % (4 * kLanes) == 0 ? 4 * kLanes : (columns % (2 * kLanes) == 0 ? 2 * kLanes : kLanes);
+}
+
+template <int MT, int NV>
+void packed_tile(const float* x, int64_t depth, const float* w, float* y, int64_t ldy, const float* bias) {
+  v16 acc[MT][NV] = {};
+  for (int64_t k = 0; k < depth; ++k) {
+    v16 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load(w + k * NV * kLanes + v * kLanes);
+    for (int m = 0; m < MT; ++m) {
+      const v16 xm = broadcast(x[m * depth + k]);
+      for (int v = 0; v < NV; ++v) acc[m][v] += xm * wv[v];
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * kLanes, acc[m][v] + (bias ? load(bias + v * kLanes) : v16{}));
+}
+
+template <int NV>
+void packed_block(const float* x, int64_t rows, int64_t depth, const float* w, float* y, int64_t ldy,
+                  const float* bias) {
+  for (int64_t r = 0; r < rows; r += kPackedRowTile) {
+    const float* xr = x + r * depth;
+    float* yr = y + r * ldy;
+    switch (std::min<int64_t>(kPackedRowTile, rows - r)) {
+      case 1: packed_tile<1, NV>(xr, depth, w, yr, ldy, bias); break;
+      case 2: packed_tile<2, NV>(xr, depth, w, yr, ldy, bias); break;
+      case 3: packed_tile<3, NV>(xr, depth, w, yr, ldy, bias); break;
+      case 4: packed_tile<4, NV>(xr, depth, w, yr, ldy, bias); break;
+      case 5: packed_tile<5, NV>(xr, depth, w, yr, ldy, bias); break;
+      default: packed_tile<6, NV>(xr, depth, w, yr, ldy, bias); break;
+    }
+  }
+}
+
+}  // namespace
+
+// weight [N, K] fp32 (N a multiple of 16) -> [N / C, K, C], C the block width packed_linear uses.
+at::Tensor pack_linear(at::Tensor weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 2, "weight must be [N, K] fp32");
+  const int64_t columns = weight.size(0), depth = weight.size(1);
+  TORCH_CHECK(columns % kLanes == 0, "out-features must be a multiple of 16 to pack");
+  const int64_t width = packed_block_width(columns);
+  return weight.view({columns / width, width, depth}).transpose(1, 2).contiguous();
+}
+
+// x [M, K] fp32 contiguous, packed [N / C, K, C] from pack_linear, bias [N] fp32 or undefined.
+at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x must be contiguous [M, K] fp32");
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() && packed.dim() == 3,
+              "packed weight must come from pack_linear");
+  const int64_t rows = x.size(0), depth = x.size(1), blocks = packed.size(0), width = packed.size(2);
+  const int64_t columns = blocks * width;
+  TORCH_CHECK(packed.size(1) == depth && width == packed_block_width(columns), "packed weight does not match x");
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == columns,
+                "bias must be contiguous [N] fp32");
+    b = bias->data_ptr<float>();
+  }
+  auto y = at::empty({rows, columns}, x.options());
+  const float* xd = x.data_ptr<float>();
+  const float* wd = packed.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  dynamic_for(blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const float* w = wd + block * depth * width;
+      float* yb = yd + block * width;
+      const float* bb = b ? b + block * width : nullptr;
+      if (width == 4 * kLanes) packed_block<4>(xd, rows, depth, w, yb, columns, bb);
+      else if (width == 2 * kLanes) packed_block<2>(xd, rows, depth, w, yb, columns, bb);
+      else packed_block<1>(xd, rows, depth, w, yb, columns, bb);
+    }
+  });
+  return y;
+}
+
 }  // namespace expertmesh
