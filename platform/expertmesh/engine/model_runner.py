@@ -11,6 +11,7 @@ from expertmesh.engine.scheduler import StepPlan
 from expertmesh.engine.sequence import Sequence
 from expertmesh.kernels import native_kernels
 from expertmesh.model.attention import ForwardBatch, PrefillSpan
+from expertmesh.model.layers import pack_linear_weights
 from expertmesh.model.micro_batch import plan_micro_batches
 from expertmesh.model.transformer import CausalLM
 
@@ -30,6 +31,7 @@ class ModelRunner:
         self.micro_batches, self.micro_batch_min_tokens = micro_batches, micro_batch_min_tokens
         self.micro_batched_steps = 0  # steps run as two micro-batches, for tests and benchmarks
         native_kernels()  # build (or load) them now, not inside the first step
+        pack_linear_weights(model)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Flat cache slots of positions [start, end) of `seq`."""
