@@ -52,6 +52,14 @@ void column_block(const float* x, int64_t rows, const float* w, int64_t columns,
 
 }  // namespace
 
+// The bias's data, or nullptr without one; it must be contiguous fp32 [columns].
+static const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t columns) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == columns,
+              "bias must be contiguous [N] fp32");
+  return bias->data_ptr<float>();
+}
+
 // x [M, K] fp32 contiguous, weight [N, K] fp32 contiguous, bias [N] fp32 or undefined;
 // K a multiple of 16. Returns x weight^T + bias, [M, N] fp32.
 at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias) {
@@ -61,12 +69,7 @@ at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tenso
   const int64_t rows = x.size(0), depth = x.size(1), columns = weight.size(0);
   TORCH_CHECK(weight.size(1) == depth, "weight's in-features must match x");
   TORCH_CHECK(depth % kLanes == 0, "in-features must be a multiple of 16");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == columns,
-                "bias must be contiguous [N] fp32");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, columns);
   auto y = at::empty({rows, columns}, x.options());
   const float* xd = x.data_ptr<float>();
   const float* wd = weight.data_ptr<float>();
@@ -148,12 +151,7 @@ at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tens
   const int64_t rows = x.size(0), depth = x.size(1), blocks = packed.size(0), width = packed.size(2);
   const int64_t columns = blocks * width;
   TORCH_CHECK(packed.size(1) == depth && width == packed_block_width(columns), "packed weight does not match x");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == columns,
-                "bias must be contiguous [N] fp32");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, columns);
   auto y = at::empty({rows, columns}, x.options());
   const float* xd = x.data_ptr<float>();
   const float* wd = packed.data_ptr<float>();
