@@ -12,6 +12,7 @@ backend sends each group's slice to that group's replica pool.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -112,7 +113,7 @@ class ExpertWeights:
 # this machine's 2 cores: with fp32 weights at every batch tried (up to 2048 tokens a step,
 # 0.5-0.9x MKL's time); with bf16 weights only in decode-sized batches, since oneDNN's bf16
 # matmuls use the CPU's bf16 dot-product instructions while the kernel widens to fp32.
-_FUSED_MAX_ROWS_PER_EXPERT = {torch.float32: 1 << 62, torch.bfloat16: 32}
+_FUSED_MAX_ROWS_PER_EXPERT = {torch.float32: math.inf, torch.bfloat16: 32}
 
 
 def _fits_fused(weights: ExpertWeights) -> bool:
@@ -131,7 +132,7 @@ def _fits_fused(weights: ExpertWeights) -> bool:
 _BATCHED_MAX_ROWS_PER_EXPERT = 48
 
 
-def prepare_for_kernels(layers: Iterable[ExpertWeights]) -> None:
+def pack_expert_weights(layers: Iterable[ExpertWeights]) -> None:
     """Pack the weights the fused kernel will read now, at load, not inside a request's first step."""
     fused = native_kernels()
     if fused is not None:
@@ -218,7 +219,7 @@ class ColocatedExpertBackend:
 
     def __init__(self, layers: dict[int, ExpertWeights]):
         self.layers = layers
-        prepare_for_kernels(layers.values())
+        pack_expert_weights(layers.values())
 
     def run(self, layer: int, batch: ExpertBatch) -> torch.Tensor:
         return apply_experts(self.layers[layer], batch)

@@ -54,27 +54,32 @@ _SMALL_LINEAR_MAX_ROWS = 32
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native kernels where they are faster."""
-    if x.dim() == 2 and x.dtype == torch.float32 and (kernels := native_kernels()) is not None:
+    if (
+        x.dim() == 2
+        and x.dtype == torch.float32
+        and _kernel_ready(weight)
+        and (kernels := native_kernels()) is not None
+    ):
         if _packable(weight):
             return kernels.packed_linear(x.contiguous(), _packed(kernels, weight), bias)
-        if (
-            x.shape[0] <= _SMALL_LINEAR_MAX_ROWS
-            and weight.dtype == torch.float32
-            and weight.is_contiguous()
-            and weight.shape[1] % 16 == 0
-        ):
+        if x.shape[0] <= _SMALL_LINEAR_MAX_ROWS:
             return kernels.small_linear(x.contiguous(), weight, bias)
     return F.linear(x, weight, bias)
 
 
-def _packable(weight: torch.Tensor) -> bool:
+def _kernel_ready(weight: torch.Tensor) -> bool:
+    """Both native linear kernels take a contiguous fp32 [N, K] weight with K a multiple of 16."""
     return (
         weight.dtype == torch.float32
         and weight.dim() == 2
         and weight.is_contiguous()
-        and weight.shape[0] % 16 == 0
         and weight.shape[1] % 16 == 0
     )
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    """The packed kernel also needs N a multiple of 16 (its column blocks)."""
+    return _kernel_ready(weight) and weight.shape[0] % 16 == 0
 
 
 def pack_linear_weights(model: nn.Module) -> None:

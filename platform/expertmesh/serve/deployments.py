@@ -253,7 +253,7 @@ class Router(GrpcServicesMixin):
         call = self.engines[model][revision].run_request.remote(
             prompt, params, request_id, self._receiver.endpoint
         )
-        result = asyncio.ensure_future(_await(call))
+        result = asyncio.ensure_future(call)  # a DeploymentResponse is awaitable
         assembler = OutputAssembler(request_id)
         next_delta = None
         try:
@@ -283,7 +283,3 @@ class Router(GrpcServicesMixin):
 
     async def engine_info(self, model: str, revision: str) -> dict:
         return await self.engines[model][revision].info.remote()
-
-
-async def _await(response):
-    return await response

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from expertmesh.model.experts import ExpertBatch, ExpertWeights, apply_experts, prepare_for_kernels
+from expertmesh.model.experts import ExpertBatch, ExpertWeights, apply_experts, pack_expert_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -63,7 +63,7 @@ class ExpertGroupServer:
 
     def __init__(self, weights: dict[int, ExpertWeights], host: str = "127.0.0.1", port: int = 0):
         self.weights = weights
-        prepare_for_kernels(weights.values())
+        pack_expert_weights(weights.values())
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)

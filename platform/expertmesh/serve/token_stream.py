@@ -139,9 +139,7 @@ class DeltaReceiver:
         while True:
             try:
                 deltas: list[Delta] = pickle.loads(await self._socket.recv())
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # one bad message must not stop every stream
+            except Exception:  # one bad message must not stop every stream (cancellation still ends it)
                 logger.exception("could not read a token-stream message")
                 continue
             for delta in deltas:
