@@ -1,13 +1,17 @@
 """Serving overhead and expert-parallel cost, measured in one run on one machine.
 
-Workload: the `small` pangu_pro_moe checkpoint (MoGE, 8 groups), 16 prompts x 64
-random tokens, 32 new tokens each, greedy, EOS ignored, all requests at once. Every
-path runs the workload once untimed (warm-up), then once timed.
+Workload: the `small` pangu_pro_moe checkpoint (MoGE, 8 groups), 16 prompts of random
+tokens (about 64 each: random ids decoded to text, and that text's ids), 32 new tokens
+each, greedy, EOS ignored, all requests at once. Every path runs the workload once
+untimed (warm-up), then once timed.
 
-- `served/in-process`: the same workload over gRPC (`expertmesh.v1.Generation`
-  streaming Generate) through Ray Serve's proxy (proxy -> router -> engine),
-  against the in-process `LLM` engine; `served-http/in-process` the same over
-  the OpenAI HTTP API.
+- `served/in-process`: the workload as KServe ModelInfer calls over gRPC (grpcio
+  stubs from the KServe proto) through Ray Serve's proxy (proxy -> router -> engine), against
+  the in-process `LLM` engine. Both return each request's text when it ends.
+- `served-stream/in-process`: the same over `expertmesh.v1.Generation` streaming
+  Generate, one message per token to each client: on 2 shared cores each message
+  costs the proxy, router and client CPU that the engine then lacks.
+- `served-http/in-process`: the same over the OpenAI HTTP API (non-streaming).
 - `disaggregated/colocated`: served with one Serve pool per expert group
   (ZeroMQ data path) against served with experts inside the engine.
 - `moge-group-imbalance`: max/mean of the rows each expert group received over
@@ -44,6 +48,7 @@ from ray import serve
 
 from expertmesh import LLM, SamplingParams
 from expertmesh.config import ServeConfig
+from expertmesh.engine.llm_engine import load_tokenizer
 from expertmesh.model.checkpoint_maker import make_checkpoint
 from expertmesh.model.experts import ColocatedExpertBackend, ExpertBatch, ExpertPartition
 from expertmesh.model.loader import load_config
@@ -125,6 +130,35 @@ async def run_served_grpc(target: str, model: str, prompts: list[list[int]]) -> 
         await asyncio.gather(*(one(p) for p in prompts))  # warm-up: the same workload, untimed
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
+        return tokens / (time.perf_counter() - start)
+
+
+async def run_served_infer(target: str, model: str, texts: list[str]) -> float:
+    """The workload as KServe ModelInfer calls (unary: the whole text at the end), through
+    stubs generated from the KServe proto (tritonclient registers the same proto names, so
+    it cannot share a process with the server's; the test suite calls with it separately)."""
+    import grpc
+
+    from expertmesh.api.pb import grpc_predict_v2_pb2 as oip
+    from expertmesh.api.pb import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+
+        async def one(text: str) -> int:
+            request = oip.ModelInferRequest(model_name=model)
+            request.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+                text.encode()
+            )
+            request.parameters["max_tokens"].int64_param = NEW_TOKENS
+            request.parameters["temperature"].double_param = 0.0
+            request.parameters["ignore_eos"].bool_param = True
+            response = await stub.ModelInfer(request)
+            return response.parameters["completion_tokens"].int64_param
+
+        await asyncio.gather(*(one(t) for t in texts))  # warm-up: the same workload, untimed
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(t) for t in texts)))
         return tokens / (time.perf_counter() - start)
 
 
@@ -257,12 +291,21 @@ def run_guidellm(base_url: str, model: str) -> None:
             print(f"  {line}")
 
 
+def workload_prompts() -> tuple[list[str], list[list[int]]]:
+    """Random-token prompts as text and as the token ids that text encodes to, so the text
+    API (ModelInfer) and the token-id paths run the same workload (about PROMPT_LEN tokens each)."""
+    tokenizer = load_tokenizer(CHECKPOINT)
+    gen = torch.Generator().manual_seed(0)
+    sampled = torch.randint(3, 16000, (NUM_PROMPTS, PROMPT_LEN), generator=gen).tolist()
+    texts = [tokenizer.decode(ids) for ids in sampled]
+    return texts, [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+
+
 def main() -> None:
     torch.set_num_threads(2)
     if not (CHECKPOINT / "config.json").is_file():
         make_checkpoint("pangu_pro_moe", "small", CHECKPOINT)
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, 16000, (NUM_PROMPTS, PROMPT_LEN), generator=gen).tolist()
+    texts, prompts = workload_prompts()
     print(
         f"workload: {NUM_PROMPTS} prompts x {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, greedy; {CHECKPOINT.name}"
     )
@@ -272,14 +315,7 @@ def main() -> None:
 
     port, grpc_port = free_port(), free_port()
     revision = {"source": str(CHECKPOINT), "dtype": "float32", "engine_threads": 2}  # as in-process
-    config = ServeConfig.parse(
-        {
-            "models": [
-                {"name": "colocated", "revisions": [revision]},
-                {"name": "disaggregated", "revisions": [revision | {"expert_parallel": {"enabled": True}}]},
-            ]
-        }
-    )
+    disaggregated_revision = revision | {"expert_parallel": {"enabled": True}}
     ray.init(
         address="local",  # a fresh instance, never another session's cluster on this machine
         num_cpus=2,
@@ -290,21 +326,29 @@ def main() -> None:
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(grpc_port))
-        deploy(config)
+        # Each model is measured alone: idle deployments cost CPU too (Serve's controller
+        # reconciles every deployment 10 times a second), which the measured model would lack.
+        deploy(ServeConfig.parse({"models": [{"name": "colocated", "revisions": [revision]}]}))
         url = f"http://127.0.0.1:{port}"
-        colocated_grpc = asyncio.run(run_served_grpc(f"127.0.0.1:{grpc_port}", "colocated", prompts))
+        colocated_infer = asyncio.run(run_served_infer(f"127.0.0.1:{grpc_port}", "colocated", texts))
         print(
-            f"served, colocated, gRPC:  {colocated_grpc:8.1f} output tokens/s (streaming Generate through Ray Serve)"
+            f"served, colocated, gRPC:  {colocated_infer:8.1f} output tokens/s (ModelInfer through Ray Serve)"
+        )
+        colocated_stream = asyncio.run(run_served_grpc(f"127.0.0.1:{grpc_port}", "colocated", prompts))
+        print(
+            f"served, colocated, gRPC:  {colocated_stream:8.1f} output tokens/s (streaming Generate, a message a token)"
         )
         colocated = asyncio.run(run_served(url, "colocated", prompts))
         print(f"served, colocated, HTTP:  {colocated:8.1f} output tokens/s (OpenAI API through Ray Serve)")
+        run_guidellm(url, "colocated")
+        deploy(
+            ServeConfig.parse({"models": [{"name": "disaggregated", "revisions": [disaggregated_revision]}]})
+        )
         disaggregated = asyncio.run(run_served(url, "disaggregated", prompts))
         print(
             f"served, disaggregated, HTTP: {disaggregated:5.1f} output tokens/s (8 expert pools over ZeroMQ)"
         )
-        run_guidellm(url, "colocated")
 
-        # A new app: only the model with 2 replicas per pool, so nothing else shares the cores.
         pooled = revision | {"expert_parallel": {"enabled": True, "replicas_per_group": POOL_REPLICAS}}
         deploy(ServeConfig.parse({"models": [{"name": "pooled", "revisions": [pooled]}]}))
         pool_rows, pool_tps = asyncio.run(run_steady_pool_load(url, "pooled", prompts))
@@ -326,7 +370,8 @@ def main() -> None:
     finally:
         ray.shutdown()
     print(f"ratio served-http/in-process = {colocated / in_process:.2f}")
-    print(f"ratio served/in-process = {colocated_grpc / in_process:.2f}")
+    print(f"ratio served-stream/in-process = {colocated_stream / in_process:.2f}")
+    print(f"ratio served/in-process = {colocated_infer / in_process:.2f}")
     print(f"ratio disaggregated/colocated = {disaggregated / colocated:.2f}")
     print(f"ratio moge-group-imbalance = {moge_imbalance:.2f}")
     num_pools = load_config(CHECKPOINT).moe.num_routing_groups

@@ -43,9 +43,9 @@ class RecordingClient(LocalEngineClient):
         super().__init__()
         self.prompts: dict[str, str | list[int]] = {}
 
-    def generate(self, model, prompt, params, request_id):
+    def generate(self, model, prompt, params, request_id, stream=True):
         self.prompts[request_id] = prompt
-        return super().generate(model, prompt, params, request_id)
+        return super().generate(model, prompt, params, request_id, stream)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -420,7 +420,7 @@ def test_a_request_aborted_by_the_server_ends_its_stream_with_finish_reason_abor
 
 
 class BrokenClient(LocalEngineClient):
-    def generate(self, model, prompt, params, request_id):
+    def generate(self, model, prompt, params, request_id, stream=True):
         raise RuntimeError("internal detail the client must not see")
 
 

@@ -6,6 +6,7 @@ Each test runs its own event loop with asyncio.run, guarded by a timeout so a ha
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -219,3 +220,60 @@ def test_shutdown_ends_open_streams_and_refuses_new_requests(make_engine):
     run(main())
     assert not aengine._thread.is_alive()
     assert not aengine.engine.has_unfinished_requests()
+
+
+def test_an_engine_built_from_a_factory_is_built_on_the_engine_thread_and_serves(
+    make_engine, greedy_reference
+):
+    # Built there, the engine thread is the only one that ever ran torch's parallel work.
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return make_engine(max_num_seqs=8, max_num_batched_tokens=128)
+
+    aengine = AsyncLLMEngine(build)
+    try:
+        assert built_on == ["expertmesh-engine"]
+        assert aengine._thread.name == "expertmesh-engine"
+
+        final = run(collect(aengine, PROMPTS[0], greedy(6)))[-1]
+        assert final.finished and final.outputs[0].token_ids == greedy_reference(PROMPTS[0], 6).token_ids
+    finally:
+        aengine.shutdown()
+
+
+def test_a_factory_that_fails_fails_the_constructor_and_leaves_no_thread():
+    def build():
+        raise FileNotFoundError("no checkpoint at /nowhere")
+
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        AsyncLLMEngine(build)
+    assert eventually_sync(lambda: {t.name for t in threading.enumerate()} <= before)
+
+
+def test_stream_false_through_the_local_client_yields_only_the_finished_output(make_engine, greedy_reference):
+    from expertmesh.api.engine_client import LocalEngineClient
+
+    client = LocalEngineClient().add("m", AsyncLLMEngine(make_engine()))
+    try:
+
+        async def main(stream):
+            return [out async for out in client.generate("m", PROMPTS[1], greedy(5), f"r-{stream}", stream)]
+
+        whole, streamed = run(main(False)), run(main(True))
+        assert len(whole) == 1 and whole[0].finished
+        assert len(streamed) > 1 and streamed[-1].outputs[0].token_ids == whole[0].outputs[0].token_ids
+        assert whole[0].outputs[0].token_ids == greedy_reference(PROMPTS[1], 5).token_ids
+    finally:
+        client.shutdown()
+
+
+def eventually_sync(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

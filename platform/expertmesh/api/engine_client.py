@@ -7,6 +7,7 @@ implements the same protocol by forwarding to Engine replicas.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field
 
 from expertmesh.api.chat_template import ChatTemplate
-from expertmesh.engine.async_engine import AsyncLLMEngine
+from expertmesh.engine.async_engine import AsyncLLMEngine, discard_outputs
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
@@ -47,9 +48,17 @@ class EngineClient(Protocol):
         ...
 
     def generate(
-        self, model: str, prompt: str | list[int], params: SamplingParams, request_id: str
+        self,
+        model: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        stream: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs (each carries its delta), the last one ``finished``.
+
+        With ``stream=False`` only the finished output comes, so the implementation can skip
+        the per-token path.
 
         Refusals (ModelNotFoundError, InvalidRequestError, QueueFullError) may be raised by this call
         or by the first ``__anext__``. Closing the iterator early with ``aclose()``, or cancelling the
@@ -103,7 +112,7 @@ class LocalEngineClient:
         client = cls()
         config = EngineConfig(**engine_config)
         for name, path in checkpoints.items():
-            engine = AsyncLLMEngine(LLMEngine.from_checkpoint(path, dtype, config))
+            engine = AsyncLLMEngine(functools.partial(LLMEngine.from_checkpoint, path, dtype, config))
             client.add(name, engine, checkpoint=path)
         return client
 
@@ -121,10 +130,17 @@ class LocalEngineClient:
         return self._models[name].info
 
     def generate(
-        self, model: str, prompt: str | list[int], params: SamplingParams, request_id: str
+        self,
+        model: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        stream: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         # Not itself a generator, so an unknown model fails at the call, before any iteration.
-        return self.engine(model).generate(prompt, params, request_id)
+        return self.engine(model).generate(
+            prompt, params, request_id, sink=None if stream else discard_outputs
+        )
 
     async def tokenize(self, model: str, text: str) -> list[int]:
         return self.engine(model).engine.tokenize(text)[1]

@@ -340,7 +340,9 @@ class GrpcServicesMixin:
                     raise invalid(f"unknown output {output.name!r}: this model has one, {OUTPUT_NAME!r}")
             params = sampling_params_from_infer(request.parameters)
             final = None
-            stream = self.generate(request.model_name, prompt, params, f"infer-{uuid.uuid4().hex}")
+            stream = self.generate(
+                request.model_name, prompt, params, f"infer-{uuid.uuid4().hex}", stream=False
+            )
             try:
                 async for out in stream:
                     final = out

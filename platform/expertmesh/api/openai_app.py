@@ -208,7 +208,7 @@ async def _open(
 ) -> tuple[AsyncIterator[RequestOutput], RequestOutput]:
     """Submit the request and wait for its first output: refusals surface here, as HTTP errors."""
     try:
-        stream = client.generate(call.model, prompt, params, call.id)
+        stream = client.generate(call.model, prompt, params, call.id, stream=call.stream)
         try:
             first = await anext(stream)
         except BaseException:

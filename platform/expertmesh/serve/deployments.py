@@ -30,7 +30,7 @@ from expertmesh.api.engine_client import ModelInfo
 from expertmesh.api.grpc_service import GrpcServicesMixin
 from expertmesh.api.openai_app import build_openai_app
 from expertmesh.config import RevisionSpec, ServeConfig, default_groups
-from expertmesh.engine.async_engine import AsyncLLMEngine
+from expertmesh.engine.async_engine import AsyncLLMEngine, discard_outputs
 from expertmesh.engine.llm_engine import LLMEngine, context_length, load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
@@ -102,10 +102,19 @@ class Engine:
         torch.set_num_threads(spec.engine_threads)
         self.expert_groups = expert_groups
         self.partition = partition_for(spec) if expert_groups else None
-        self.engine = LLMEngine.from_checkpoint(
-            spec.source, spec.dtype, spec.engine, load_experts=not expert_groups
+        # built on the engine thread: the one thread here that runs torch's parallel work (see AsyncLLMEngine)
+        self.async_engine = AsyncLLMEngine(
+            functools.partial(
+                LLMEngine.from_checkpoint,
+                spec.source,
+                spec.dtype,
+                spec.engine,
+                load_experts=not expert_groups,
+            ),
+            on_step=self._after_step,
         )
-        self.async_engine: AsyncLLMEngine | None = None
+        self.engine = self.async_engine.engine
+        self._backend_ready = not expert_groups
         self.publisher = StepPublisher()
         self._ready = asyncio.Lock()
         # metrics: the groups are the pools, or (colocated) the MoGE groups / default top-k split
@@ -115,13 +124,12 @@ class Engine:
     async def _start(self) -> AsyncLLMEngine:
         # Expert endpoints are known only once the pools' replicas are up: ask them on first use.
         async with self._ready:
-            if self.async_engine is None:
-                if self.expert_groups:
-                    self.backend = RemoteExpertBackend(self.partition, await self._expert_endpoints())
-                    self.engine.model.set_expert_backend(self.backend)
-                    self.metrics.watch_expert_backend(self.backend)
-                    self._refresher = asyncio.get_running_loop().create_task(self._refresh_endpoints())
-                self.async_engine = AsyncLLMEngine(self.engine, on_step=self._after_step)
+            if not self._backend_ready:  # no request has reached the engine yet: safe to swap its backend
+                self.backend = RemoteExpertBackend(self.partition, await self._expert_endpoints())
+                self.engine.model.set_expert_backend(self.backend)
+                self.metrics.watch_expert_backend(self.backend)
+                self._refresher = asyncio.get_running_loop().create_task(self._refresh_endpoints())
+                self._backend_ready = True
         return self.async_engine
 
     def _after_step(self, outputs: list[RequestOutput]) -> None:
@@ -144,11 +152,16 @@ class Engine:
                 logger.warning("could not refresh expert endpoints", exc_info=True)
 
     async def run_request(
-        self, prompt: str | list[int], params: SamplingParams | dict, request_id: str, reply_to: str
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | dict,
+        request_id: str,
+        reply_to: str | None = None,
     ) -> RequestOutput:
         """Run one request; its tokens go to the Router's token stream at `reply_to` each step
-        (see token_stream.py). Returns the final output. Cancelling the call aborts the request."""
-        sink = functools.partial(self.publisher.add, reply_to)
+        (see token_stream.py), or nowhere. Returns the final output. Cancelling the call aborts
+        the request."""
+        sink = functools.partial(self.publisher.add, reply_to) if reply_to else discard_outputs
         # only the finished output comes out here. metrics: outcome, time to first token, time per output token
         outputs = [out async for out in self.metrics.track(self._generate(prompt, params, request_id, sink))]
         return outputs[-1]
@@ -244,15 +257,24 @@ class Router(GrpcServicesMixin):
         prompt: str | list[int],
         params: SamplingParams | dict,
         request_id: str | None = None,
+        stream: bool = True,
     ) -> AsyncIterator[RequestOutput]:
-        revision = self.revision_for(model)
+        revision = self.revision_for(model)  # raises ModelNotFoundError for an unknown model
+        engine = self.engines[model][revision]
+        request_id = request_id or uuid.uuid4().hex
+        if not stream:  # one call, one answer: no token stream to open
+            call = engine.run_request.remote(prompt, params, request_id)
+            try:
+                final = await call
+            except asyncio.CancelledError:
+                call.cancel()  # Serve cancels the Engine's task, which aborts the request
+                raise
+            yield final
+            return
         if self._receiver is None:
             self._receiver = DeltaReceiver(ray.util.get_node_ip_address())
-        request_id = request_id or uuid.uuid4().hex
         deltas = self._receiver.open(request_id)
-        call = self.engines[model][revision].run_request.remote(
-            prompt, params, request_id, self._receiver.endpoint
-        )
+        call = engine.run_request.remote(prompt, params, request_id, self._receiver.endpoint)
         result = asyncio.ensure_future(call)  # a DeploymentResponse is awaitable
         assembler = OutputAssembler(request_id)
         next_delta = None
