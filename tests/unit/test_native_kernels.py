@@ -178,3 +178,120 @@ def test_engine_gives_the_same_tokens_with_and_without_the_native_kernels(make_e
     for module in (attention, experts, layers):
         monkeypatch.setattr(module, "native_kernels", lambda: None)
     assert run() == native
+
+
+# --- row-wise kernels: silu_and_mul, rms_norm, rotary_qkv -----------------------------------
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # the HF families' RMSNorm, written out
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def torch_rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def assert_close_for(dtype, got, want, rtol_fp32=2e-6):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=rtol_fp32, atol=1e-6)
+    else:  # bf16: the same roundings as torch's ops; a sum's order may move one ulp
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,inter", [(1, 16), (7, 48), (33, 1536)])
+def test_silu_and_mul_matches_torch_and_is_contiguous(rows, inter, dtype):
+    module = kernels()
+    gate_up = (torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(rows)) * 4).to(dtype)
+    got = module.silu_and_mul(gate_up)
+    want = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    assert got.is_contiguous() and got.shape == (rows, inter) and got.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)  # silu rounded, then the product rounded, as torch does
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(1, 16), (9, 512), (130, 1024)])
+def test_rms_norm_with_and_without_the_residual_add_matches_torch(rows, hidden, dtype):
+    module = kernels()
+    gen = torch.Generator().manual_seed(hidden)
+    x, delta = (torch.randn(rows, hidden, generator=gen).to(dtype) for _ in range(2))
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    (normed,) = module.rms_norm(x, weight, 1e-6)
+    assert_close_for(dtype, normed, torch_rms_norm(x, weight, 1e-6))
+    summed, normed = module.rms_norm(x, weight, 1e-5, delta)
+    assert torch.equal(summed, x + delta)
+    assert_close_for(dtype, normed, torch_rms_norm(x + delta, weight, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_rotary_qkv_rotates_q_and_k_in_place_and_writes_the_cache(with_cache, dtype):
+    module = kernels()
+    rows, heads, kv_heads, dim = 11, 4, 2, 64
+    gen = torch.Generator().manual_seed(dim)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    positions = torch.randint(0, 500, (rows,), generator=gen)
+    rope = layers.RotaryEmbedding(dim, 512, theta=10000.0)
+    cos, sin = rope.lookup(positions, dtype)  # [T, 1, dim]
+    q, k, v = qkv.clone().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    want_q = torch_rotate_half(q.view(rows, heads, dim), cos, sin)
+    want_k = torch_rotate_half(k.view(rows, kv_heads, dim), cos, sin)
+    k_cache = torch.zeros(40, kv_heads, dim, dtype=dtype)
+    v_cache = torch.zeros(40, kv_heads, dim, dtype=dtype)
+    slots = torch.randperm(40, generator=gen)[:rows]
+    cache_args = (k_cache, v_cache, slots) if with_cache else ()
+    module.rotary_qkv(qkv, cos.view(rows, dim), sin.view(rows, dim), heads, kv_heads, dim, *cache_args)
+    got_q, got_k, got_v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    assert_close_for(dtype, got_q.reshape(rows, heads, dim), want_q)
+    assert_close_for(dtype, got_k.reshape(rows, kv_heads, dim), want_k)
+    assert torch.equal(got_v, v)  # v is not rotated
+    if with_cache:
+        assert torch.equal(k_cache[slots], got_k.reshape(rows, kv_heads, dim))
+        assert torch.equal(v_cache[slots], v.reshape(rows, kv_heads, dim))
+        untouched = torch.ones(40, dtype=torch.bool)
+        untouched[slots] = False
+        assert not k_cache[untouched].any() and not v_cache[untouched].any()
+    else:
+        assert not k_cache.any()
+
+
+def test_model_blocks_take_the_row_wise_kernels_for_contiguous_rows(monkeypatch):
+    module = kernels()
+    called = []
+    monkeypatch.setattr(layers, "native_kernels", lambda: _Recording(module, called))
+    norm = layers.RMSNorm(64, 1e-6)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(norm(x), torch_rms_norm(x, norm.weight, 1e-6), rtol=2e-6, atol=1e-6)
+    summed, normed = norm.add_and_norm(x, x)
+    assert torch.equal(summed, x + x)
+    gate_up = torch.randn(3, 64)
+    torch.testing.assert_close(
+        silu_and_mul(gate_up),
+        torch.nn.functional.silu(gate_up[:, :32]) * gate_up[:, 32:],
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    assert called == ["rms_norm", "rms_norm", "silu_and_mul"]
+    # a strided view is not contiguous rows: torch's ops, same values
+    called.clear()
+    view = torch.randn(3, 128)[:, :64]
+    torch.testing.assert_close(norm(view), torch_rms_norm(view, norm.weight, 1e-6))
+    assert called == []
+
+
+class _Recording:
+    """The native module, noting which row-wise kernels were called."""
+
+    def __init__(self, module, called):
+        self._module, self._called = module, called
+
+    def __getattr__(self, name):
+        if name in ("silu_and_mul", "rms_norm"):
+            self._called.append(name)
+        return getattr(self._module, name)

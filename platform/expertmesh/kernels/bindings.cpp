@@ -10,6 +10,10 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
 at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 at::Tensor pack_linear(at::Tensor weight);
 at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias);
+at::Tensor silu_and_mul(at::Tensor gate_up);
+std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> delta);
+void rotary_qkv(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t kv_heads, int64_t dim,
+                c10::optional<at::Tensor> k_cache, c10::optional<at::Tensor> v_cache, c10::optional<at::Tensor> slots);
 }  // namespace expertmesh
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,4 +25,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear", &expertmesh::pack_linear, "an [N, K] weight in packed_linear's column-block layout");
   m.def("packed_linear", &expertmesh::packed_linear, "x W^T (+ b) for a few rows, W packed by pack_linear",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  m.def("silu_and_mul", &expertmesh::silu_and_mul, "silu(gate) * up of [T, 2I] (gate, up) rows, [T, I] contiguous");
+  m.def("rms_norm", &expertmesh::rms_norm, "RMSNorm of x, or of x + delta (returned first)", py::arg("x"),
+        py::arg("weight"), py::arg("eps"), py::arg("delta") = py::none());
+  m.def("rotary_qkv", &expertmesh::rotary_qkv, "RoPE on qkv's q and k heads in place, and the KV cache write",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("heads"), py::arg("kv_heads"), py::arg("dim"),
+        py::arg("k_cache") = py::none(), py::arg("v_cache") = py::none(), py::arg("slots") = py::none());
 }

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include <cstdint>
 
@@ -30,6 +31,7 @@ inline v16 load(const at::BFloat16* p) {
 
 inline void store(float* p, v16 v) { *reinterpret_cast<v16_unaligned*>(p) = v; }
 
+
 inline v16 broadcast(float x) { return v16{} + x; }
 
 inline float sum_lanes(v16 v) {
@@ -37,6 +39,53 @@ inline float sum_lanes(v16 v) {
   for (int l = 0; l < kLanes; ++l) total += v[l];
   return total;
 }
+
+typedef int32_t i16 __attribute__((vector_size(64)));
+typedef uint16_t h16 __attribute__((vector_size(32)));
+
+// Round to the nearest bf16 (ties to even), as torch does when it stores a bf16 result;
+// the value stays an fp32 with the low 16 bits clear.
+inline v16 round_to_bf16(v16 v) {
+  u16 bits = reinterpret_cast<u16&>(v);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  return reinterpret_cast<v16&>(bits);
+}
+
+inline void store(at::BFloat16* p, v16 v) {
+  u16 bits = reinterpret_cast<u16&>(v);
+  h16 half = __builtin_convertvector((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16, h16);
+  *reinterpret_cast<h16_unaligned*>(p) = half;
+}
+
+// What a value of type T holds once stored: bf16 results are rounded at every step, as
+// torch's bf16 ops round each intermediate tensor.
+template <typename T>
+inline v16 as_stored(v16 v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) return round_to_bf16(v);
+  return v;
+}
+
+// exp over 16 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-6
+// polynomial for e^r (about 1 ulp); std::exp is one lane at a time.
+inline v16 exp(v16 x) {
+  const v16 lo = broadcast(-87.3f), hi = broadcast(88.7f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v16 magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  v16 n = (x * 1.44269504088896341f + magic) - magic;
+  v16 r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  v16 p = broadcast(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  i16 scale = (__builtin_convertvector(n, i16) + 127) << 23;
+  return p * reinterpret_cast<v16&>(scale);
+}
+
+inline v16 silu(v16 x) { return x / (1.0f + exp(-x)); }
 
 // fn(begin, end) over [0, n) in chunks of `chunk`, handed out one at a time to the intra-op
 // threads. Unlike at::parallel_for's fixed split, a thread that the OS preempts (other

@@ -93,15 +93,27 @@ class Attention(nn.Module):
         cache: LayerKVCache | None,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        native = self.q_norm is None and self._native_rotary(qkv, rope, cache)
+        if native:  # RoPE and the cache write in one pass, in place
+            cos, sin = (t.view(num_tokens, self.head_dim) for t in rope)
+            if cache is None:
+                native.rotary_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+            else:
+                native.rotary_qkv(
+                    qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim,
+                    cache.k, cache.v, batch.slot_mapping,
+                )  # fmt: skip
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
-            cache.write(batch.slot_mapping, k, v)
+        if not native:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if cache is not None:
+                cache.write(batch.slot_mapping, k, v)
 
         out = torch.empty_like(q)
         if batch.num_decode:
@@ -109,6 +121,20 @@ class Attention(nn.Module):
         for span in batch.prefills:
             out[span.start : span.end] = self._prefill(q, k, v, span, cache)
         return self.o_proj(out.view(num_tokens, self.q_size))
+
+    def _native_rotary(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache):
+        """The native kernels if they can do RoPE (and the cache write) on this qkv, else None."""
+        kernels = native_kernels()
+        ok = (
+            kernels is not None
+            and qkv.dim() == 2
+            and qkv.is_contiguous()
+            and qkv.dtype in (torch.float32, torch.bfloat16)
+            and self.head_dim % 32 == 0
+            and all(t.dtype == qkv.dtype and t.is_contiguous() for t in rope)
+            and (cache is None or (cache.k.dtype == qkv.dtype and cache.k.is_contiguous()))
+        )
+        return kernels if ok else None
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: LayerKVCache) -> torch.Tensor:
         # One query per sequence: fold the query heads that share a KV head into the

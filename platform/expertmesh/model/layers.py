@@ -1,4 +1,4 @@
-"""Dense building blocks: RMSNorm, rotary embedding, SwiGLU MLP."""
+"""Dense building blocks: RMSNorm, rotary embedding, SwiGLU MLP; native kernels where they are faster."""
 
 from __future__ import annotations
 
@@ -16,10 +16,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _pointwise_ready(x, self.weight.shape[0], 16) and x.dtype == self.weight.dtype:
+            return native_kernels().rms_norm(x, self.weight, self.eps)[0]
         # Normalise in fp32 then cast back, as the HF families do.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its norm): the residual add and the norm after it, in one pass when native."""
+        if (
+            _pointwise_ready(x, self.weight.shape[0], 16)
+            and x.dtype == delta.dtype == self.weight.dtype
+            and delta.shape == x.shape
+            and delta.is_contiguous()
+        ):
+            summed, normed = native_kernels().rms_norm(x, self.weight, self.eps, delta)
+            return summed, normed
+        x = x + delta
+        return x, self(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -65,6 +80,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if x.shape[0] <= _SMALL_LINEAR_MAX_ROWS:
             return kernels.small_linear(x.contiguous(), weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _pointwise_ready(x: torch.Tensor, width: int, multiple: int) -> bool:
+    """The native row-wise kernels take contiguous 2-D fp32 or bf16 rows, `multiple` | width."""
+    return (
+        x.dim() == 2
+        and x.shape[1] == width
+        and width % multiple == 0
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.is_contiguous()
+        and native_kernels() is not None
+    )
 
 
 def _kernel_ready(weight: torch.Tensor) -> bool:
@@ -122,7 +149,10 @@ class GatedMLP(nn.Module):
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[..., 2I] holding (gate, up) -> silu(gate) * up, computed in place on the gate half."""
+    """[..., 2I] holding (gate, up) -> silu(gate) * up: natively in one pass to a contiguous
+    result; with torch, in place on the gate half (a strided view the next linear copies)."""
     half = gate_up.shape[-1] // 2
+    if _pointwise_ready(gate_up, 2 * half, 32):
+        return native_kernels().silu_and_mul(gate_up)
     gate = gate_up[..., :half]
     return F.silu(gate, inplace=True).mul_(gate_up[..., half:])

@@ -38,10 +38,12 @@ class DecoderLayer(nn.Module):
 
     def start(self, x, rope, batch: ForwardBatch, cache, micro_batch: int = 0) -> tuple:
         """Attention, then the MLP up to the point where a sparse block's experts are out."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch, cache)
+        x, normed = self.post_attention_layernorm.add_and_norm(
+            x, self.self_attn(self.input_layernorm(x), rope, batch, cache)
+        )
         if isinstance(self.mlp, SparseMoE):
-            return x, self.mlp.start(self.post_attention_layernorm(x), accumulate_counts=micro_batch > 0)
-        return x + self.mlp(self.post_attention_layernorm(x)), None
+            return x, self.mlp.start(normed, accumulate_counts=micro_batch > 0)
+        return x + self.mlp(normed), None
 
     def finish(self, state: tuple) -> torch.Tensor:
         x, pending = state
