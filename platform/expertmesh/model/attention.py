@@ -94,8 +94,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        native = self.q_norm is None and self._native_rotary(qkv, rope, cache)
-        if native:  # RoPE and the cache write in one pass, in place
+        native = self._native_rotary(qkv, rope, cache)
+        if native is not None:  # RoPE and the cache write in one pass, in place
             cos, sin = (t.view(num_tokens, self.head_dim) for t in rope)
             if cache is None:
                 native.rotary_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
@@ -108,7 +108,7 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if not native:
+        if native is None:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -123,10 +123,12 @@ class Attention(nn.Module):
         return self.o_proj(out.view(num_tokens, self.q_size))
 
     def _native_rotary(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache):
-        """The native kernels if they can do RoPE (and the cache write) on this qkv, else None."""
+        """The native kernels if they can do RoPE (and the cache write) on this qkv, else None
+        (also with a q/k norm, which comes between the projection and RoPE)."""
         kernels = native_kernels()
         ok = (
             kernels is not None
+            and self.q_norm is None
             and qkv.dim() == 2
             and qkv.is_contiguous()
             and qkv.dtype in (torch.float32, torch.bfloat16)
