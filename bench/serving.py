@@ -1,7 +1,7 @@
 """Serving overhead and expert-parallel cost, measured in one run on one machine.
 
 Workload: the `small` pangu_pro_moe checkpoint (MoGE, 8 groups), 16 prompts of random
-tokens (about 64 each: random ids decoded to text, and that text's ids), 32 new tokens
+tokens (64 random ids decoded to text, and that text's ids: 65-76 tokens), 32 new tokens
 each, greedy, EOS ignored, all requests at once. Every path runs the workload once
 untimed (warm-up), then once timed.
 
@@ -307,7 +307,8 @@ def main() -> None:
         make_checkpoint("pangu_pro_moe", "small", CHECKPOINT)
     texts, prompts = workload_prompts()
     print(
-        f"workload: {NUM_PROMPTS} prompts x {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, greedy; {CHECKPOINT.name}"
+        f"workload: {NUM_PROMPTS} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+        f"{NEW_TOKENS} new tokens, greedy; {CHECKPOINT.name}"
     )
 
     in_process, moge_imbalance = run_in_process(prompts)
