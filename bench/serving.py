@@ -109,6 +109,15 @@ def run_in_process(prompts: list[list[int]]) -> tuple[float, float]:
     return sum(o.num_output_tokens for o in outs) / elapsed, max(rows) / (sum(rows) / len(rows))
 
 
+async def warm_then_time(one, items: list) -> float:
+    """Output tokens/s of `one(item)` (it returns the tokens it got) for every item at once,
+    after a warm-up run of the same workload, untimed."""
+    await asyncio.gather(*(one(item) for item in items))
+    start = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(item) for item in items)))
+    return tokens / (time.perf_counter() - start)
+
+
 async def run_served_grpc(target: str, model: str, prompts: list[list[int]]) -> float:
     import grpc
 
@@ -127,10 +136,7 @@ async def run_served_grpc(target: str, model: str, prompts: list[list[int]]) -> 
                     tokens += len(message.delta.token_ids)
             return tokens
 
-        await asyncio.gather(*(one(p) for p in prompts))  # warm-up: the same workload, untimed
-        start = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
-        return tokens / (time.perf_counter() - start)
+        return await warm_then_time(one, prompts)
 
 
 async def run_served_infer(target: str, model: str, texts: list[str]) -> float:
@@ -156,10 +162,7 @@ async def run_served_infer(target: str, model: str, texts: list[str]) -> float:
             response = await stub.ModelInfer(request)
             return response.parameters["completion_tokens"].int64_param
 
-        await asyncio.gather(*(one(t) for t in texts))  # warm-up: the same workload, untimed
-        start = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(one(t) for t in texts)))
-        return tokens / (time.perf_counter() - start)
+        return await warm_then_time(one, texts)
 
 
 async def run_served(base_url: str, model: str, prompts: list[list[int]]) -> float:
@@ -167,15 +170,12 @@ async def run_served(base_url: str, model: str, prompts: list[list[int]]) -> flo
 
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
     body = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
-    await asyncio.gather(
-        *(client.completions.create(model=model, prompt=p, **body) for p in prompts)
-    )  # warm-up
-    start = time.perf_counter()
-    replies = await asyncio.gather(
-        *(client.completions.create(model=model, prompt=p, **body) for p in prompts)
-    )
-    elapsed = time.perf_counter() - start
-    return sum(r.usage.completion_tokens for r in replies) / elapsed
+
+    async def one(prompt: list[int]) -> int:
+        reply = await client.completions.create(model=model, prompt=prompt, **body)
+        return reply.usage.completion_tokens
+
+    return await warm_then_time(one, prompts)
 
 
 def scrape(series_name: str, model: str) -> dict[str, dict[str, float]]:

@@ -3,7 +3,8 @@
 // silu_and_mul: torch's version is silu_ on the gate half, mul_ by the up half, and then
 // a strided copy to make the result contiguous for the next linear: at prefill sizes the
 // copy alone cost more than the two ops. rms_norm (with the residual add before it, when
-// given) replaces six ops: float, pow, mean, rsqrt, mul, mul.
+// given) replaces six ops: float, pow, mean, rsqrt, mul, mul. rotary_qkv replaces two
+// rotary applications (six ops each) and the two index_copy_ calls of the KV-cache write.
 //
 // fp32 and bf16. bf16 results round where torch's ops round, at each op's output.
 
@@ -17,6 +18,22 @@ namespace expertmesh {
 namespace {
 
 constexpr int64_t kRowsPerJob = 8;
+
+// fn(T{}) with T the C++ type of `dtype`, fp32 or bf16 (checked by the caller).
+template <typename F>
+void with_row_type(at::ScalarType dtype, const F& fn) {
+  if (dtype == at::kFloat) {
+    fn(float{});
+  } else {
+    fn(at::BFloat16{});
+  }
+}
+
+// Pointer to t's data as T, or nullptr for an absent tensor.
+template <typename T>
+T* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
 
 template <typename T>
 void silu_and_mul_rows(const T* gate_up, int64_t rows, int64_t inter, T* out) {
@@ -59,59 +76,6 @@ void rms_norm_rows(const T* x, const T* delta, const T* weight, int64_t rows, in
   });
 }
 
-void check_rows(const at::Tensor& t, const char* name, int64_t width_multiple) {
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, " must be fp32 or bf16");
-  TORCH_CHECK(t.size(1) % width_multiple == 0, name, "'s last dimension must be a multiple of ", width_multiple);
-}
-
-}  // namespace
-
-// gate_up [T, 2I] (gate columns, then up columns) -> silu(gate) * up, [T, I] contiguous.
-at::Tensor silu_and_mul(at::Tensor gate_up) {
-  check_rows(gate_up, "gate_up", 2 * kLanes);
-  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
-  auto out = at::empty({rows, inter}, gate_up.options());
-  if (gate_up.scalar_type() == at::kFloat) {
-    silu_and_mul_rows(gate_up.data_ptr<float>(), rows, inter, out.data_ptr<float>());
-  } else {
-    silu_and_mul_rows(gate_up.data_ptr<at::BFloat16>(), rows, inter, out.data_ptr<at::BFloat16>());
-  }
-  return out;
-}
-
-// RMSNorm of x [T, H] with weight [H]; given `delta`, of x + delta, which is returned first.
-std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> delta) {
-  check_rows(x, "x", kLanes);
-  TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous() && weight.size(0) == x.size(1) &&
-                  weight.scalar_type() == x.scalar_type(),
-              "weight must be a contiguous [H] tensor of x's dtype");
-  const int64_t rows = x.size(0), hidden = x.size(1);
-  at::Tensor summed;
-  if (delta.has_value()) {
-    TORCH_CHECK(delta->sizes() == x.sizes() && delta->is_contiguous() && delta->scalar_type() == x.scalar_type(),
-                "delta must be contiguous, of x's shape and dtype");
-    summed = at::empty_like(x);
-  }
-  auto out = at::empty_like(x);
-  const float e = static_cast<float>(eps);
-  if (x.scalar_type() == at::kFloat) {
-    rms_norm_rows(x.data_ptr<float>(), delta ? delta->data_ptr<float>() : nullptr, weight.data_ptr<float>(), rows,
-                  hidden, e, delta ? summed.data_ptr<float>() : nullptr, out.data_ptr<float>());
-  } else {
-    using B = at::BFloat16;
-    rms_norm_rows(x.data_ptr<B>(), delta ? delta->data_ptr<B>() : nullptr, weight.data_ptr<B>(), rows, hidden, e,
-                  delta ? summed.data_ptr<B>() : nullptr, out.data_ptr<B>());
-  }
-  if (delta.has_value()) return {summed, out};
-  return {out};
-}
-
-}  // namespace expertmesh
-
-namespace expertmesh {
-namespace {
-
 // Rotate one head in place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) over its two halves
 // (rotate_half RoPE, cos/sin rows already in the model's dtype), rounded like torch's
 // x * cos + rotate_half(x) * sin.
@@ -147,12 +111,51 @@ void rotary_rows(T* qkv, const T* cos, const T* sin, int64_t rows, int64_t heads
   });
 }
 
+void check_rows(const at::Tensor& t, const char* name, int64_t width_multiple) {
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, " must be fp32 or bf16");
+  TORCH_CHECK(t.size(1) % width_multiple == 0, name, "'s last dimension must be a multiple of ", width_multiple);
+}
+
 }  // namespace
+
+// gate_up [T, 2I] (gate columns, then up columns) -> silu(gate) * up, [T, I] contiguous.
+at::Tensor silu_and_mul(at::Tensor gate_up) {
+  check_rows(gate_up, "gate_up", 2 * kLanes);
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  auto out = at::empty({rows, inter}, gate_up.options());
+  with_row_type(gate_up.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    silu_and_mul_rows(gate_up.data_ptr<T>(), rows, inter, out.data_ptr<T>());
+  });
+  return out;
+}
+
+// RMSNorm of x [T, H] with weight [H]; given `delta`, of x + delta, which is returned first.
+std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> delta) {
+  check_rows(x, "x", kLanes);
+  TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous() && weight.size(0) == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type(),
+              "weight must be a contiguous [H] tensor of x's dtype");
+  c10::optional<at::Tensor> summed;
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->sizes() == x.sizes() && delta->is_contiguous() && delta->scalar_type() == x.scalar_type(),
+                "delta must be contiguous, of x's shape and dtype");
+    summed = at::empty_like(x);
+  }
+  auto out = at::empty_like(x);
+  with_row_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_rows(x.data_ptr<T>(), data_or_null<T>(delta), weight.data_ptr<T>(), x.size(0), x.size(1),
+                  static_cast<float>(eps), data_or_null<T>(summed), out.data_ptr<T>());
+  });
+  if (summed.has_value()) return {*summed, out};
+  return {out};
+}
 
 // RoPE on the q and k heads of qkv [T, (heads + 2 kv_heads) * dim], in place (cos, sin:
 // [T, dim] rows of the model's dtype); with a cache, also writes each token's k and v row
-// to its slot of k_cache / v_cache [slots, kv_heads, dim]. One pass instead of two rotary
-// applications (six ops each) and two index_copy_ calls.
+// to its slot of k_cache / v_cache [slots, kv_heads, dim].
 void rotary_qkv(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t kv_heads, int64_t dim,
                 c10::optional<at::Tensor> k_cache, c10::optional<at::Tensor> v_cache,
                 c10::optional<at::Tensor> slots) {
@@ -164,8 +167,7 @@ void rotary_qkv(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, i
     TORCH_CHECK(t->is_contiguous() && t->numel() == rows * dim && t->scalar_type() == qkv.scalar_type(),
                 "cos and sin must be contiguous [T, head_dim] rows of qkv's dtype");
   }
-  const bool caching = slots.has_value();
-  if (caching) {
+  if (slots.has_value()) {
     TORCH_CHECK(k_cache && v_cache, "a cache write needs k_cache, v_cache and slots");
     for (const at::Tensor* t : {&*k_cache, &*v_cache}) {
       TORCH_CHECK(t->is_contiguous() && t->scalar_type() == qkv.scalar_type() && t->dim() == 3 &&
@@ -174,17 +176,14 @@ void rotary_qkv(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, i
     }
     TORCH_CHECK(slots->scalar_type() == at::kLong && slots->is_contiguous() && slots->numel() == rows,
                 "slots must be T contiguous int64");
-  }
-  const int64_t* slot_ptr = caching ? slots->data_ptr<int64_t>() : nullptr;
-  if (qkv.scalar_type() == at::kFloat) {
-    rotary_rows(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), rows, heads, kv_heads, dim,
-                caching ? k_cache->data_ptr<float>() : nullptr, caching ? v_cache->data_ptr<float>() : nullptr,
-                slot_ptr);
   } else {
-    using B = at::BFloat16;
-    rotary_rows(qkv.data_ptr<B>(), cos.data_ptr<B>(), sin.data_ptr<B>(), rows, heads, kv_heads, dim,
-                caching ? k_cache->data_ptr<B>() : nullptr, caching ? v_cache->data_ptr<B>() : nullptr, slot_ptr);
+    k_cache = v_cache = c10::nullopt;  // no slots, no write
   }
+  with_row_type(qkv.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    rotary_rows(qkv.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(), rows, heads, kv_heads, dim,
+                data_or_null<T>(k_cache), data_or_null<T>(v_cache), data_or_null<int64_t>(slots));
+  });
 }
 
 }  // namespace expertmesh

@@ -31,7 +31,6 @@ inline v16 load(const at::BFloat16* p) {
 
 inline void store(float* p, v16 v) { *reinterpret_cast<v16_unaligned*>(p) = v; }
 
-
 inline v16 broadcast(float x) { return v16{} + x; }
 
 inline float sum_lanes(v16 v) {
@@ -52,9 +51,8 @@ inline v16 round_to_bf16(v16 v) {
 }
 
 inline void store(at::BFloat16* p, v16 v) {
-  u16 bits = reinterpret_cast<u16&>(v);
-  h16 half = __builtin_convertvector((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16, h16);
-  *reinterpret_cast<h16_unaligned*>(p) = half;
+  v16 rounded = round_to_bf16(v);
+  *reinterpret_cast<h16_unaligned*>(p) = __builtin_convertvector(reinterpret_cast<u16&>(rounded) >> 16, h16);
 }
 
 // What a value of type T holds once stored: bf16 results are rounded at every step, as

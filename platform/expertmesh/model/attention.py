@@ -97,13 +97,8 @@ class Attention(nn.Module):
         native = self._native_rotary(qkv, rope, cache)
         if native is not None:  # RoPE and the cache write in one pass, in place
             cos, sin = (t.view(num_tokens, self.head_dim) for t in rope)
-            if cache is None:
-                native.rotary_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
-            else:
-                native.rotary_qkv(
-                    qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim,
-                    cache.k, cache.v, batch.slot_mapping,
-                )  # fmt: skip
+            cache_write = () if cache is None else (cache.k, cache.v, batch.slot_mapping)
+            native.rotary_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim, *cache_write)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)

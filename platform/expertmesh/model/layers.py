@@ -15,8 +15,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def _native(self, x: torch.Tensor) -> bool:
+        return _pointwise_ready(x, self.weight.shape[0], 16) and x.dtype == self.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _pointwise_ready(x, self.weight.shape[0], 16) and x.dtype == self.weight.dtype:
+        if self._native(x):
             return native_kernels().rms_norm(x, self.weight, self.eps)[0]
         # Normalise in fp32 then cast back, as the HF families do.
         xf = x.float()
@@ -25,12 +28,7 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, its norm): the residual add and the norm after it, in one pass when native."""
-        if (
-            _pointwise_ready(x, self.weight.shape[0], 16)
-            and x.dtype == delta.dtype == self.weight.dtype
-            and delta.shape == x.shape
-            and delta.is_contiguous()
-        ):
+        if self._native(x) and delta.dtype == x.dtype and delta.shape == x.shape and delta.is_contiguous():
             summed, normed = native_kernels().rms_norm(x, self.weight, self.eps, delta)
             return summed, normed
         x = x + delta
