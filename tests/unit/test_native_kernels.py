@@ -53,15 +53,37 @@ def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype, p
     w = make_weights(len(counts), hidden, inter, seed=inter)
     w = ExpertWeights(w.gate_up.to(dtype), w.down.to(dtype))
     layout = w.kernel_layout(module) if packed else (w.gate_up, w.down)
+    pairs = layout[0].dim() == 6  # bf16 packed for the bf16 dot product: bf16 rows and activations
     got = module.fused_experts(x, torch.tensor([0, *itertools.accumulate(counts)]), *layout, row_weights)
     expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    rows_in = x.bfloat16().float() if pairs else x
+
+    def activation(r, e):
+        act = silu_and_mul(rows_in[r] @ w.gate_up[e].float())
+        return act.bfloat16().float() if pairs else act
+
     want = torch.stack(
         [
-            row_weights[r] * (silu_and_mul(x[r] @ w.gate_up[e].float()) @ w.down[e].float())
+            row_weights[r] * (activation(r, e) @ w.down[e].float())
             for r, e in enumerate(expert_of_row.tolist())
         ]
     )
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # fp32 sums in another order can move a bf16 activation by one ulp (2^-8 of it)
+    tolerance = dict(atol=2e-3, rtol=1e-2) if pairs else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_bf16_experts_are_pair_packed_where_the_cpu_has_bf16_dot_products():
+    module = kernels()
+    w = make_weights(3, 64, 32, seed=1)
+    gate_up, down = ExpertWeights(w.gate_up.bfloat16(), w.down.bfloat16()).kernel_layout(module)
+    if module.has_bf16_dot():
+        assert (gate_up.shape, down.shape) == ((3, 1, 32, 2, 32, 2), (3, 1, 16, 64, 2))
+        # gate_up[e, block, k / 2, gate or up, column, k % 2]: expert 1, k = 5, up column 7
+        assert gate_up[1, 0, 2, 1, 7, 1] == w.gate_up[1, 5, 32 + 7].bfloat16()
+        assert down[2, 0, 4, 9, 1] == w.down[2, 9, 9].bfloat16()  # down[e, block, k / 2, column, k % 2]
+    else:
+        assert (gate_up.dim(), down.dim()) == (5, 4)
 
 
 def test_prefill_sized_fp32_batches_take_the_fused_kernel_and_match_matmuls(monkeypatch):
@@ -123,32 +145,50 @@ def test_decode_attention_rejects_a_length_beyond_its_slots():
         )
 
 
+def linear_case(rows, out_features, in_features, with_bias, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    bias = torch.randn(out_features, generator=gen).to(dtype) if with_bias else None
+    return x, weight, bias
+
+
+def assert_linear_close(got, x, weight, bias):
+    # fp32: F.linear itself. bf16: the exact fp32 sum rounded once to bf16, as oneDNN stores
+    # it; another summation order may move that rounding by one ulp.
+    if x.dtype == torch.float32:
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    else:
+        want = torch.nn.functional.linear(
+            x.double(), weight.double(), None if bias is None else bias.double()
+        )
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, atol=1e-2, rtol=2**-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 32])
 @pytest.mark.parametrize("out_features,in_features", [(1, 16), (30, 48), (64, 512)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_small_linear_matches_f_linear(rows, out_features, in_features, with_bias):
+def test_small_linear_matches_f_linear(rows, out_features, in_features, with_bias, dtype):
     # Column counts that do not fill a 4-column block, and row counts across the 6-row tiles.
     module = kernels()
-    gen = torch.Generator().manual_seed(rows * out_features)
-    x = torch.randn(rows, in_features, generator=gen)
-    weight = torch.randn(out_features, in_features, generator=gen)
-    bias = torch.randn(out_features, generator=gen) if with_bias else None
-    got = module.small_linear(x, weight, bias)
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    x, weight, bias = linear_case(rows, out_features, in_features, with_bias, dtype, rows * out_features)
+    assert_linear_close(module.small_linear(x, weight, bias), x, weight, bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 32])
 @pytest.mark.parametrize("out_features,in_features", [(16, 16), (32, 48), (48, 32), (192, 512)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_packed_linear_matches_f_linear(rows, out_features, in_features, with_bias):
+def test_packed_linear_matches_f_linear(rows, out_features, in_features, with_bias, dtype):
     # Out-features that pack into 1-, 2- and 4-vector column blocks, rows across the 6-row tiles.
     module = kernels()
-    gen = torch.Generator().manual_seed(rows * out_features + in_features)
-    x = torch.randn(rows, in_features, generator=gen)
-    weight = torch.randn(out_features, in_features, generator=gen)
-    bias = torch.randn(out_features, generator=gen) if with_bias else None
-    got = module.packed_linear(x, module.pack_linear(weight), bias)
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    if dtype == torch.bfloat16 and not module.has_bf16_dot():
+        pytest.skip("bf16 weights are packed only for CPUs with bf16 dot products (AVX512-BF16)")
+    seed = rows * out_features + in_features
+    x, weight, bias = linear_case(rows, out_features, in_features, with_bias, dtype, seed)
+    assert_linear_close(module.packed_linear(x, module.pack_linear(weight), bias), x, weight, bias)
 
 
 def test_linear_repacks_a_weight_that_was_written_to():

@@ -9,6 +9,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
                             at::Tensor lengths, double scale);
 at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 at::Tensor pack_linear(at::Tensor weight);
+bool has_bf16_dot();
 at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias);
 at::Tensor silu_and_mul(at::Tensor gate_up);
 std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> delta);
@@ -25,6 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear", &expertmesh::pack_linear, "an [N, K] weight in packed_linear's column-block layout");
   m.def("packed_linear", &expertmesh::packed_linear, "x W^T (+ b) for a few rows, W packed by pack_linear",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  m.def("has_bf16_dot", &expertmesh::has_bf16_dot, "whether bf16 weights can be packed (AVX512-BF16)");
   m.def("silu_and_mul", &expertmesh::silu_and_mul, "silu(gate) * up of [T, 2I] (gate, up) rows, [T, I] contiguous");
   m.def("rms_norm", &expertmesh::rms_norm, "RMSNorm of x, or of x + delta (returned first)", py::arg("x"),
         py::arg("weight"), py::arg("eps"), py::arg("delta") = py::none());

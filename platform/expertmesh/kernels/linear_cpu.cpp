@@ -18,9 +18,9 @@ namespace {
 constexpr int kColumns = 4;
 constexpr int kMaxRowTile = 6;  // 6 rows x 4 columns = 24 accumulators (measured: better than 8 x 3)
 
-template <int MT>
-void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t columns, int64_t depth, float* y,
-              int64_t ldy, const float* bias) {
+template <int MT, typename T>
+void dot_tile(const T* x, int64_t ldx, const T* w, int64_t ldw, int64_t columns, int64_t depth, T* y, int64_t ldy,
+              const T* bias) {
   v16 acc[MT][kColumns] = {};
   for (int64_t k = 0; k < depth; k += kLanes) {
     v16 wv[kColumns];
@@ -31,14 +31,16 @@ void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t 
     }
   }
   for (int m = 0; m < MT; ++m)
-    for (int c = 0; c < columns; ++c) y[m * ldy + c] = sum_lanes(acc[m][c]) + (bias ? bias[c] : 0.0f);
+    for (int c = 0; c < columns; ++c)
+      y[m * ldy + c] = static_cast<T>(sum_lanes(acc[m][c]) + (bias ? static_cast<float>(bias[c]) : 0.0f));
 }
 
-void column_block(const float* x, int64_t rows, const float* w, int64_t columns, int64_t depth, float* y,
-                  int64_t ldy, const float* bias) {
+template <typename T>
+void column_block(const T* x, int64_t rows, const T* w, int64_t columns, int64_t depth, T* y, int64_t ldy,
+                  const T* bias) {
   for (int64_t r = 0; r < rows; r += kMaxRowTile) {
-    const float* xr = x + r * depth;
-    float* yr = y + r * ldy;
+    const T* xr = x + r * depth;
+    T* yr = y + r * ldy;
     switch (std::min<int64_t>(kMaxRowTile, rows - r)) {
       case 1: dot_tile<1>(xr, depth, w, depth, columns, depth, yr, ldy, bias); break;
       case 2: dot_tile<2>(xr, depth, w, depth, columns, depth, yr, ldy, bias); break;
@@ -50,38 +52,48 @@ void column_block(const float* x, int64_t rows, const float* w, int64_t columns,
   }
 }
 
-}  // namespace
-
-// The bias's data, or nullptr without one; it must be contiguous fp32 [columns].
-static const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t columns) {
+// The bias's data, or nullptr without one; it must be contiguous [columns] in x's dtype.
+template <typename T>
+const T* bias_data(const c10::optional<at::Tensor>& bias, int64_t columns) {
   if (!bias.has_value() || !bias->defined()) return nullptr;
-  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == columns,
-              "bias must be contiguous [N] fp32");
-  return bias->data_ptr<float>();
+  TORCH_CHECK(bias->scalar_type() == c10::CppTypeToScalarType<T>::value && bias->is_contiguous() &&
+                  bias->numel() == columns,
+              "bias must be contiguous [N] in x's dtype");
+  return bias->data_ptr<T>();
 }
 
-// x [M, K] fp32 contiguous, weight [N, K] fp32 contiguous, bias [N] fp32 or undefined;
-// K a multiple of 16. Returns x weight^T + bias, [M, N] fp32.
-at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x must be contiguous [M, K] fp32");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.dim() == 2,
-              "weight must be contiguous [N, K] fp32");
-  const int64_t rows = x.size(0), depth = x.size(1), columns = weight.size(0);
-  TORCH_CHECK(weight.size(1) == depth, "weight's in-features must match x");
-  TORCH_CHECK(depth % kLanes == 0, "in-features must be a multiple of 16");
-  const float* b = bias_data(bias, columns);
-  auto y = at::empty({rows, columns}, x.options());
-  const float* xd = x.data_ptr<float>();
-  const float* wd = weight.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
+template <typename T>
+void small_linear_rows(const T* x, int64_t rows, const T* w, int64_t columns, int64_t depth, const T* bias, T* y) {
   const int64_t blocks = (columns + kColumns - 1) / kColumns;
   dynamic_for(blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t first = block * kColumns;
-      column_block(xd, rows, wd + first * depth, std::min<int64_t>(kColumns, columns - first), depth, yd + first,
-                   columns, b ? b + first : nullptr);
+      column_block(x, rows, w + first * depth, std::min<int64_t>(kColumns, columns - first), depth, y + first,
+                   columns, bias ? bias + first : nullptr);
     }
   });
+}
+
+}  // namespace
+
+// x [M, K] contiguous, weight [N, K] contiguous, bias [N] or undefined, all fp32 or all
+// bf16 (accumulated in fp32); K a multiple of 16. Returns x weight^T + bias, [M, N].
+at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2, "x must be contiguous [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous() && weight.dim() == 2,
+              "weight must be contiguous [N, K] in x's dtype");
+  const int64_t rows = x.size(0), depth = x.size(1), columns = weight.size(0);
+  TORCH_CHECK(weight.size(1) == depth, "weight's in-features must match x");
+  TORCH_CHECK(depth % kLanes == 0, "in-features must be a multiple of 16");
+  auto y = at::empty({rows, columns}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    small_linear_rows(x.data_ptr<float>(), rows, weight.data_ptr<float>(), columns, depth,
+                      bias_data<float>(bias, columns), y.data_ptr<float>());
+  } else {
+    small_linear_rows(x.data_ptr<at::BFloat16>(), rows, weight.data_ptr<at::BFloat16>(), columns, depth,
+                      bias_data<at::BFloat16>(bias, columns), y.data_ptr<at::BFloat16>());
+  }
   return y;
 }
 
@@ -134,25 +146,103 @@ void packed_block(const float* x, int64_t rows, int64_t depth, const float* w, f
 
 }  // namespace
 
-// weight [N, K] fp32 (N a multiple of 16) -> [N / C, K, C], C the block width packed_linear uses.
+// ---- bf16: weights packed in k pairs for the CPU's bf16 dot-product instruction -----
+//
+// Packed as [N / C, K / 2, C, 2]: per pair of inputs the tile loads C / 16 vectors of 16
+// columns' weight pairs and broadcasts x[m, k:k+2] as one 32-bit value (see dot_pairs).
+
+#if defined(__AVX512BF16__)
+namespace {
+
+template <int MT, int NV>
+void pair_tile(const at::BFloat16* x, int64_t depth, const at::BFloat16* w, at::BFloat16* y, int64_t ldy,
+               const at::BFloat16* bias) {
+  v16 acc[MT][NV] = {};
+  for (int64_t k = 0; k < depth; k += 2) {
+    pairs16 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load_pairs(w + (k * NV + v * 2) * kLanes);
+    for (int m = 0; m < MT; ++m) {
+      const int32_t xm = pair_at(x + m * depth, k);
+      for (int v = 0; v < NV; ++v) acc[m][v] = dot_pairs(acc[m][v], xm, wv[v]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * kLanes, acc[m][v] + (bias ? load(bias + v * kLanes) : v16{}));
+}
+
+template <int NV>
+void pair_block(const at::BFloat16* x, int64_t rows, int64_t depth, const at::BFloat16* w, at::BFloat16* y,
+                int64_t ldy, const at::BFloat16* bias) {
+  for (int64_t r = 0; r < rows; r += kPackedRowTile) {
+    const at::BFloat16* xr = x + r * depth;
+    at::BFloat16* yr = y + r * ldy;
+    switch (std::min<int64_t>(kPackedRowTile, rows - r)) {
+      case 1: pair_tile<1, NV>(xr, depth, w, yr, ldy, bias); break;
+      case 2: pair_tile<2, NV>(xr, depth, w, yr, ldy, bias); break;
+      case 3: pair_tile<3, NV>(xr, depth, w, yr, ldy, bias); break;
+      case 4: pair_tile<4, NV>(xr, depth, w, yr, ldy, bias); break;
+      case 5: pair_tile<5, NV>(xr, depth, w, yr, ldy, bias); break;
+      default: pair_tile<6, NV>(xr, depth, w, yr, ldy, bias); break;
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+bool has_bf16_dot() { return kHasBf16Dot; }
+
+// weight [N, K] (N a multiple of 16) -> fp32: [N / C, K, C]; bf16: [N / C, K / 2, C, 2]
+// (K even, and a CPU with bf16 dot products); C the block width packed_linear uses.
 at::Tensor pack_linear(at::Tensor weight) {
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 2, "weight must be [N, K] fp32");
+  TORCH_CHECK(weight.dim() == 2, "weight must be [N, K]");
   const int64_t columns = weight.size(0), depth = weight.size(1);
   TORCH_CHECK(columns % kLanes == 0, "out-features must be a multiple of 16 to pack");
   const int64_t width = packed_block_width(columns);
+  if (weight.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(kHasBf16Dot, "bf16 packing needs a CPU with AVX512-BF16");
+    TORCH_CHECK(depth % 2 == 0, "in-features must be even to pack bf16 weights");
+    return weight.view({columns / width, width, depth / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+  }
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "weight must be fp32 or bf16");
   return weight.view({columns / width, width, depth}).transpose(1, 2).contiguous();
 }
 
-// x [M, K] fp32 contiguous, packed [N / C, K, C] from pack_linear, bias [N] fp32 or undefined.
+// x [M, K] contiguous, packed from pack_linear in x's dtype, bias [N] in x's dtype or undefined.
 at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x must be contiguous [M, K] fp32");
-  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() && packed.dim() == 3,
-              "packed weight must come from pack_linear");
-  const int64_t rows = x.size(0), depth = x.size(1), blocks = packed.size(0), width = packed.size(2);
-  const int64_t columns = blocks * width;
-  TORCH_CHECK(packed.size(1) == depth && width == packed_block_width(columns), "packed weight does not match x");
-  const float* b = bias_data(bias, columns);
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2, "x must be contiguous [M, K]");
+  TORCH_CHECK(packed.scalar_type() == x.scalar_type() && packed.is_contiguous(),
+              "packed weight must come from pack_linear, in x's dtype");
+  const bool pairs = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(pairs || x.scalar_type() == at::kFloat, "x must be fp32 or bf16");
+  TORCH_CHECK(packed.dim() == (pairs ? 4 : 3), "packed weight must come from pack_linear");
+  const int64_t rows = x.size(0), depth = x.size(1), blocks = packed.size(0);
+  const int64_t width = packed.size(2), columns = blocks * width;
+  TORCH_CHECK((pairs ? 2 * packed.size(1) : packed.size(1)) == depth && width == packed_block_width(columns),
+              "packed weight does not match x");
   auto y = at::empty({rows, columns}, x.options());
+  if (pairs) {
+#if defined(__AVX512BF16__)
+    const at::BFloat16* xd = x.data_ptr<at::BFloat16>();
+    const at::BFloat16* wd = packed.data_ptr<at::BFloat16>();
+    const at::BFloat16* b = bias_data<at::BFloat16>(bias, columns);
+    at::BFloat16* yd = y.data_ptr<at::BFloat16>();
+    dynamic_for(blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const at::BFloat16* w = wd + block * depth * width;
+        at::BFloat16* yb = yd + block * width;
+        const at::BFloat16* bb = b ? b + block * width : nullptr;
+        if (width == 4 * kLanes) pair_block<4>(xd, rows, depth, w, yb, columns, bb);
+        else if (width == 2 * kLanes) pair_block<2>(xd, rows, depth, w, yb, columns, bb);
+        else pair_block<1>(xd, rows, depth, w, yb, columns, bb);
+      }
+    });
+#else
+    TORCH_CHECK(false, "bf16 packed_linear needs a CPU with AVX512-BF16");
+#endif
+    return y;
+  }
+  const float* b = bias_data<float>(bias, columns);
   const float* xd = x.data_ptr<float>();
   const float* wd = packed.data_ptr<float>();
   float* yd = y.data_ptr<float>();

@@ -76,6 +76,54 @@ void down_tile(const float* act, int64_t inter, const W* w, int64_t ldw, int64_t
   }
 }
 
+#if defined(__AVX512BF16__)
+// The same two phases on weights packed in k pairs (pack_experts' bf16 layout) with bf16
+// rows: a job's block holds, per pair of inputs, its NV*16 gate columns and then its NV*16
+// up columns (gate_up), or its NV*16 output columns (down), each column as a bf16 pair.
+template <int MT, int NV>
+void gate_up_pairs_tile(const at::BFloat16* x, int64_t hidden, const at::BFloat16* w, int64_t, int64_t, int64_t inter,
+                        at::BFloat16* act) {
+  v16 gate[MT][NV] = {};
+  v16 up[MT][NV] = {};
+  constexpr int64_t kHalf = NV * 2 * kLanes;  // bf16 values of one pair of rows, gate or up
+  for (int64_t k = 0; k < hidden; k += 2) {
+    const at::BFloat16* row = w + k * 2 * NV * kLanes;
+    pairs16 wg[NV], wu[NV];
+    for (int v = 0; v < NV; ++v) {
+      wg[v] = load_pairs(row + v * 2 * kLanes);
+      wu[v] = load_pairs(row + kHalf + v * 2 * kLanes);
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int32_t xm = pair_at(x + m * hidden, k);
+      for (int v = 0; v < NV; ++v) {
+        gate[m][v] = dot_pairs(gate[m][v], xm, wg[v]);
+        up[m][v] = dot_pairs(up[m][v], xm, wu[v]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < NV; ++v) store(act + m * inter + v * kLanes, silu(gate[m][v]) * up[m][v]);
+}
+
+template <int MT, int NV>
+void down_pairs_tile(const at::BFloat16* act, int64_t inter, const at::BFloat16* w, int64_t, int64_t hidden,
+                     const float* row_weight, float* out) {
+  v16 acc[MT][NV] = {};
+  for (int64_t k = 0; k < inter; k += 2) {
+    pairs16 wd[NV];
+    for (int v = 0; v < NV; ++v) wd[v] = load_pairs(w + (k * NV + v * 2) * kLanes);
+    for (int m = 0; m < MT; ++m) {
+      const int32_t am = pair_at(act + m * inter, k);
+      for (int v = 0; v < NV; ++v) acc[m][v] = dot_pairs(acc[m][v], am, wd[v]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    v16 scale = broadcast(row_weight[m]);
+    for (int v = 0; v < NV; ++v) store(out + m * hidden + v * kLanes, acc[m][v] * scale);
+  }
+}
+#endif
+
 // Run `tile<MT>` over `rows` rows in tiles of at most kMaxRowTile.
 template <template <int> class Tile, typename... Args>
 void over_row_tiles(int64_t rows, Args... args) {
@@ -91,6 +139,7 @@ void over_row_tiles(int64_t rows, Args... args) {
   }
 }
 
+// Tile families: Tile<MT>::run(first row, ...) runs one phase's tile on MT rows from `first`.
 template <int NV, typename W>
 struct GateUp {
   template <int MT>
@@ -112,6 +161,51 @@ struct Down {
     }
   };
 };
+
+// fp32 rows against fp32 weights, or bf16 weights widened to fp32 on load.
+template <typename W>
+struct Widened {
+  using Row = float;
+  using Weight = W;
+  template <int NV>
+  using Up = GateUp<NV, W>;
+  template <int NV>
+  using Dn = Down<NV, W>;
+};
+
+#if defined(__AVX512BF16__)
+template <int NV>
+struct GateUpPairs {
+  template <int MT>
+  struct Tile {
+    static void run(int64_t r, const at::BFloat16* x, int64_t hidden, const at::BFloat16* w, int64_t ldw,
+                    int64_t up_offset, int64_t inter, at::BFloat16* act) {
+      gate_up_pairs_tile<MT, NV>(x + r * hidden, hidden, w, ldw, up_offset, inter, act + r * inter);
+    }
+  };
+};
+
+template <int NV>
+struct DownPairs {
+  template <int MT>
+  struct Tile {
+    static void run(int64_t r, const at::BFloat16* act, int64_t inter, const at::BFloat16* w, int64_t ldw,
+                    int64_t hidden, const float* weight, float* out) {
+      down_pairs_tile<MT, NV>(act + r * inter, inter, w, ldw, hidden, weight + r, out + r * hidden);
+    }
+  };
+};
+
+// bf16 rows against bf16 weights packed in k pairs.
+struct Pairs {
+  using Row = at::BFloat16;
+  using Weight = at::BFloat16;
+  template <int NV>
+  using Up = GateUpPairs<NV>;
+  template <int NV>
+  using Dn = DownPairs<NV>;
+};
+#endif
 
 struct Job {
   int64_t expert;
@@ -139,10 +233,10 @@ Widths widths_for(int64_t hidden, int64_t inter) {
 }
 
 // `packed`: the weights are in pack_experts' layout, so each job's block is one contiguous
-// run; otherwise a job reads a narrow column slice of every weight row.
-template <typename W, int NV1, int NV2>
-void run_experts(const float* x, const std::vector<int64_t>& offsets, const W* gate_up, const W* down, bool packed,
-                 const float* row_weight, int64_t hidden, int64_t inter, float* act, float* out) {
+// run; otherwise a job reads a narrow column slice of every weight row. Pairs are always packed.
+template <class Kind, int NV1, int NV2, typename X = typename Kind::Row, typename W = typename Kind::Weight>
+void run_experts(const X* x, const std::vector<int64_t>& offsets, const W* gate_up, const W* down, bool packed,
+                 const float* row_weight, int64_t hidden, int64_t inter, X* act, float* out) {
   // Phase 1 writes act[rows, inter] tile by tile; phase 2 reads whole act rows.
   constexpr int64_t kUp = NV1 * kLanes, kDown = NV2 * kLanes;
   const int64_t up_ldw = packed ? 2 * kUp : 2 * inter, up_offset = packed ? kUp : inter;
@@ -154,8 +248,9 @@ void run_experts(const float* x, const std::vector<int64_t>& offsets, const W* g
       const int64_t first = offsets[job.expert];
       const W* w = packed ? gate_up + (job.expert * (inter / kUp) + job.column / kUp) * hidden * 2 * kUp
                           : gate_up + job.expert * hidden * 2 * inter + job.column;
-      over_row_tiles<GateUp<NV1, W>::template Tile>(offsets[job.expert + 1] - first, x + first * hidden, hidden, w,
-                                                    up_ldw, up_offset, inter, act + first * inter + job.column);
+      over_row_tiles<Kind::template Up<NV1>::template Tile>(offsets[job.expert + 1] - first, x + first * hidden,
+                                                            hidden, w, up_ldw, up_offset, inter,
+                                                            act + first * inter + job.column);
     }
   });
   auto down_jobs = jobs_for(offsets, hidden, kDown);
@@ -165,18 +260,19 @@ void run_experts(const float* x, const std::vector<int64_t>& offsets, const W* g
       const int64_t first = offsets[job.expert];
       const W* w = packed ? down + (job.expert * (hidden / kDown) + job.column / kDown) * inter * kDown
                           : down + job.expert * inter * hidden + job.column;
-      over_row_tiles<Down<NV2, W>::template Tile>(offsets[job.expert + 1] - first, act + first * inter, inter, w,
-                                                  down_ldw, hidden, row_weight + first, out + first * hidden + job.column);
+      over_row_tiles<Kind::template Dn<NV2>::template Tile>(offsets[job.expert + 1] - first, act + first * inter,
+                                                            inter, w, down_ldw, hidden, row_weight + first,
+                                                            out + first * hidden + job.column);
     }
   });
 }
 
-template <typename W>
-void dispatch_widths(const float* x, const std::vector<int64_t>& offsets, const W* gate_up, const W* down, bool packed,
-                     const float* row_weight, int64_t hidden, int64_t inter, float* act, float* out) {
+template <class Kind, typename X, typename W>
+void dispatch_widths(const X* x, const std::vector<int64_t>& offsets, const W* gate_up, const W* down, bool packed,
+                     const float* row_weight, int64_t hidden, int64_t inter, X* act, float* out) {
   const Widths widths = widths_for(hidden, inter);
 #define EXPERTMESH_RUN(NV1, NV2) \
-  run_experts<W, NV1, NV2>(x, offsets, gate_up, down, packed, row_weight, hidden, inter, act, out)
+  run_experts<Kind, NV1, NV2>(x, offsets, gate_up, down, packed, row_weight, hidden, inter, act, out)
   if (widths.up == 2) {
     if (widths.down == 4) EXPERTMESH_RUN(2, 4);
     else if (widths.down == 2) EXPERTMESH_RUN(2, 2);
@@ -191,11 +287,13 @@ void dispatch_widths(const float* x, const std::vector<int64_t>& offsets, const 
 
 }  // namespace
 
-// Copies of gate_up [E, H, 2I] and down [E, I, H] in the kernel's job order: gate_up as
-// [E, I / U, H, 2, U] (a job's U gate and U up columns, row after row, contiguous) and down
-// as [E, H / D, I, D], where U and D are the column-block widths the kernel picks for
-// these sizes. A decode step then streams each block as one run instead of 128-256-byte
-// slices of every row.
+// Copies of gate_up [E, H, 2I] and down [E, I, H] in the kernel's job order, where U and D
+// are the column-block widths the kernel picks for these sizes. A decode step then streams
+// each job's block as one run instead of 128-256-byte slices of every row.
+//  - fp32, or bf16 without bf16 dot products: gate_up as [E, I / U, H, 2, U] (a job's U gate
+//    and U up columns, row after row) and down as [E, H / D, I, D];
+//  - bf16 with bf16 dot products, in k pairs: gate_up as [E, I / U, H / 2, 2, U, 2] and down
+//    as [E, H / D, I / 2, D, 2].
 std::vector<at::Tensor> pack_experts(at::Tensor gate_up, at::Tensor down) {
   TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3, "pack_experts takes gate_up [E, H, 2I] and down [E, I, H]");
   const int64_t experts = gate_up.size(0), hidden = gate_up.size(1), inter = down.size(1);
@@ -204,27 +302,44 @@ std::vector<at::Tensor> pack_experts(at::Tensor gate_up, at::Tensor down) {
   TORCH_CHECK(inter % kLanes == 0 && hidden % kLanes == 0, "hidden and intermediate sizes must be multiples of 16");
   const Widths widths = widths_for(hidden, inter);
   const int64_t up = widths.up * kLanes, dn = widths.down * kLanes;
-  auto packed_up = gate_up.view({experts, hidden, 2, inter / up, up}).permute({0, 3, 1, 2, 4}).contiguous();
-  auto packed_down = down.view({experts, inter, hidden / dn, dn}).permute({0, 2, 1, 3}).contiguous();
-  return {packed_up, packed_down};
+  if (gate_up.scalar_type() == at::kBFloat16 && kHasBf16Dot) {
+    return {gate_up.view({experts, hidden / 2, 2, 2, inter / up, up}).permute({0, 4, 1, 3, 5, 2}).contiguous(),
+            down.view({experts, inter / 2, 2, hidden / dn, dn}).permute({0, 3, 1, 4, 2}).contiguous()};
+  }
+  return {gate_up.view({experts, hidden, 2, inter / up, up}).permute({0, 3, 1, 2, 4}).contiguous(),
+          down.view({experts, inter, hidden / dn, dn}).permute({0, 2, 1, 3}).contiguous()};
 }
 
-// hidden [R, H] fp32, rows sorted by expert; offsets [E + 1] int64 (expert e owns rows
-// offsets[e]..offsets[e+1]); gate_up [E, H, 2I] and down [E, I, H] (or both as pack_experts
-// returns them), both fp32 or both bf16; row_weights [R] fp32. Returns the weighted expert
-// outputs [R, H] fp32 in row order.
+// hidden [R, H] fp32 or bf16, rows sorted by expert; offsets [E + 1] int64 (expert e owns
+// rows offsets[e]..offsets[e+1]); gate_up [E, H, 2I] and down [E, I, H] (or both as
+// pack_experts returns them), both fp32 or both bf16; row_weights [R] fp32. Returns the
+// weighted expert outputs [R, H] fp32 in row order. On pair-packed weights the rows and the
+// SwiGLU activations are bf16 (as torch's bf16 matmuls take them); otherwise fp32.
 at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_up, at::Tensor down,
                          at::Tensor row_weights) {
-  TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.is_contiguous(), "hidden must be contiguous fp32");
+  TORCH_CHECK(hidden.dim() == 2 && (hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kBFloat16),
+              "hidden must be [R, H] fp32 or bf16");
   TORCH_CHECK(row_weights.scalar_type() == at::kFloat && row_weights.is_contiguous(),
               "row_weights must be contiguous fp32");
   TORCH_CHECK(offsets.scalar_type() == at::kLong, "offsets must be int64");
   TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous(), "expert weights must be contiguous");
   TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "gate_up and down must share a dtype");
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat || gate_up.scalar_type() == at::kBFloat16,
+              "expert weights must be fp32 or bf16");
   const int64_t rows = hidden.size(0), width = hidden.size(1);
-  const bool packed = gate_up.dim() == 5;
+  const bool pairs = gate_up.dim() == 6, packed = pairs || gate_up.dim() == 5;
   int64_t inter;
-  if (packed) {
+  if (pairs) {
+    TORCH_CHECK(kHasBf16Dot && gate_up.scalar_type() == at::kBFloat16, "pair-packed expert weights need bf16 dot products");
+    TORCH_CHECK(down.dim() == 5 && 2 * gate_up.size(2) == width && gate_up.size(3) == 2 && gate_up.size(5) == 2 &&
+                    down.size(4) == 2,
+                "pair-packed expert weights must be [E, I/U, H/2, 2, U, 2] and [E, H/D, I/2, D, 2]");
+    inter = gate_up.size(1) * gate_up.size(4);
+    const Widths widths = widths_for(width, inter);
+    TORCH_CHECK(gate_up.size(4) == widths.up * kLanes && down.size(3) == widths.down * kLanes &&
+                    down.size(1) * down.size(3) == width && 2 * down.size(2) == inter,
+                "expert weights were packed for other sizes; pack them with pack_experts");
+  } else if (packed) {
     TORCH_CHECK(down.dim() == 4 && gate_up.size(2) == width && gate_up.size(3) == 2,
                 "packed expert weights must be [E, I/U, H, 2, U] and [E, H/D, I, D]");
     inter = gate_up.size(1) * gate_up.size(4);
@@ -244,16 +359,23 @@ at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_
   std::vector<int64_t> bounds(offsets_cpu.data_ptr<int64_t>(), offsets_cpu.data_ptr<int64_t>() + offsets_cpu.numel());
   TORCH_CHECK(bounds.front() == 0 && bounds.back() == rows, "offsets must span all rows");
 
-  auto act = at::empty({rows, inter}, hidden.options());
-  auto out = at::empty({rows, width}, hidden.options());
-  if (gate_up.scalar_type() == at::kFloat) {
-    dispatch_widths<float>(hidden.data_ptr<float>(), bounds, gate_up.data_ptr<float>(), down.data_ptr<float>(), packed,
-                           row_weights.data_ptr<float>(), width, inter, act.data_ptr<float>(), out.data_ptr<float>());
+  auto x = hidden.to(pairs ? at::kBFloat16 : at::kFloat).contiguous();
+  auto act = at::empty({rows, inter}, x.options());
+  auto out = at::empty({rows, width}, x.options().dtype(at::kFloat));
+  const float* weights = row_weights.data_ptr<float>();
+  if (pairs) {
+#if defined(__AVX512BF16__)
+    dispatch_widths<Pairs>(x.data_ptr<at::BFloat16>(), bounds, gate_up.data_ptr<at::BFloat16>(),
+                           down.data_ptr<at::BFloat16>(), true, weights, width, inter, act.data_ptr<at::BFloat16>(),
+                           out.data_ptr<float>());
+#endif
+  } else if (gate_up.scalar_type() == at::kFloat) {
+    dispatch_widths<Widened<float>>(x.data_ptr<float>(), bounds, gate_up.data_ptr<float>(), down.data_ptr<float>(),
+                                    packed, weights, width, inter, act.data_ptr<float>(), out.data_ptr<float>());
   } else {
-    TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16, "expert weights must be fp32 or bf16");
-    dispatch_widths<at::BFloat16>(hidden.data_ptr<float>(), bounds, gate_up.data_ptr<at::BFloat16>(),
-                                  down.data_ptr<at::BFloat16>(), packed, row_weights.data_ptr<float>(), width, inter,
-                                  act.data_ptr<float>(), out.data_ptr<float>());
+    dispatch_widths<Widened<at::BFloat16>>(x.data_ptr<float>(), bounds, gate_up.data_ptr<at::BFloat16>(),
+                                           down.data_ptr<at::BFloat16>(), packed, weights, width, inter,
+                                           act.data_ptr<float>(), out.data_ptr<float>());
   }
   return out;
 }

@@ -11,6 +11,10 @@
 
 #include <cstdint>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace expertmesh {
 
 constexpr int kLanes = 16;
@@ -84,6 +88,27 @@ inline v16 exp(v16 x) {
 }
 
 inline v16 silu(v16 x) { return x / (1.0f + exp(-x)); }
+
+// vdpbf16ps (AVX512-BF16) multiplies 16 pairs of bf16 and adds each pair's two products
+// to an fp32 lane. Weights packed in k pairs ([..., K / 2, columns, 2]) feed it straight from
+// memory, with no widening: one instruction does 32 multiply-adds.
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16Dot = true;
+
+typedef __m512bh pairs16;  // 16 (column) pairs of bf16 weights
+
+inline pairs16 load_pairs(const at::BFloat16* w) { return (pairs16)_mm512_loadu_si512(w); }
+
+// acc[l] += w[l].first * x[0] + w[l].second * x[1]; `x_pair` is x[0], x[1] as one 32-bit value.
+inline v16 dot_pairs(v16 acc, int32_t x_pair, pairs16 w) {
+  return (v16)_mm512_dpbf16_ps((__m512)acc, (pairs16)_mm512_set1_epi32(x_pair), w);
+}
+#else
+constexpr bool kHasBf16Dot = false;
+#endif
+
+// x[k], x[k + 1] of a bf16 row as one 32-bit value (k even), for dot_pairs.
+inline int32_t pair_at(const at::BFloat16* x, int64_t k) { return *reinterpret_cast<const int32_t*>(x + k); }
 
 // fn(begin, end) over [0, n) in chunks of `chunk`, handed out one at a time to the intra-op
 // threads. Unlike at::parallel_for's fixed split, a thread that the OS preempts (other

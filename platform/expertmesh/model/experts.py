@@ -110,10 +110,17 @@ class ExpertWeights:
 
 
 # Rows per expert up to which the fused native kernel beats torch's matmuls, measured on
-# this machine's 2 cores: with fp32 weights at every batch tried (up to 2048 tokens a step,
-# 0.5-0.9x MKL's time); with bf16 weights only in decode-sized batches, since oneDNN's bf16
-# matmuls use the CPU's bf16 dot-product instructions while the kernel widens to fp32.
-_FUSED_MAX_ROWS_PER_EXPERT = {torch.float32: math.inf, torch.bfloat16: 32}
+# this machine's 2 cores (32 experts, hidden 512, intermediate 384): at every batch tried
+# with fp32 weights (up to 2048 tokens a step, 0.5-0.9x MKL's time), and with bf16 weights
+# on a CPU with bf16 dot products (0.4x oneDNN's time at 16 rows per expert, 0.85x at 256).
+# bf16 weights widened to fp32 (no such instruction) win only in decode-sized batches.
+_FUSED_MAX_ROWS_WIDENED_BF16 = 32
+
+
+def _fused_max_rows(dtype: torch.dtype, kernels) -> float:
+    if dtype == torch.bfloat16 and not kernels.has_bf16_dot():
+        return _FUSED_MAX_ROWS_WIDENED_BF16
+    return math.inf
 
 
 def _fits_fused(weights: ExpertWeights) -> bool:
@@ -151,11 +158,11 @@ def apply_experts(weights: ExpertWeights, batch: ExpertBatch) -> torch.Tensor:
     if (
         fused is not None
         and _fits_fused(weights)
-        and widest <= _FUSED_MAX_ROWS_PER_EXPERT[weights.gate_up.dtype]
+        and widest <= _fused_max_rows(weights.gate_up.dtype, fused)
     ):
         offsets = torch.tensor([0, *itertools.accumulate(batch.counts)])
         out = fused.fused_experts(
-            hidden.float().contiguous(),
+            hidden.contiguous(),
             offsets,
             *weights.kernel_layout(fused),
             batch.weights.float().contiguous(),

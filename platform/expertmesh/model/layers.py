@@ -57,22 +57,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-# fp32 linears run on the native kernels, which read each weight once instead of repacking
-# it per call as MKL does. With out-features a multiple of 16, the weight is packed once into
-# column blocks and every batch size runs on it (on this machine's 2 cores: 150-220 GFLOP/s
-# from 8 to 1024 rows, 1.2-3x MKL). Otherwise, up to this many rows, the dot-product kernel
-# (1.5-2x MKL at 1-8 rows); beyond it MKL.
+# Linears run on the native kernels, which read each weight once, packed at load into
+# column blocks, instead of repacking it per call as MKL and oneDNN do. fp32 (on this
+# machine's 2 cores: 150-220 GFLOP/s from 8 to 1024 rows, 1.2-3x MKL); bf16 on the CPU's
+# bf16 dot-product instruction where it has one (340-420 GFLOP/s from 8 to 1024 rows,
+# 1.1-4x oneDNN). A weight whose out-features are not a multiple of 16 runs, up to this
+# many rows, on the dot-product kernel (1.5-2x MKL at 1-8 rows); beyond it on MKL/oneDNN.
 _SMALL_LINEAR_MAX_ROWS = 32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native kernels where they are faster."""
-    if (
-        x.dim() == 2
-        and x.dtype == torch.float32
-        and _kernel_ready(weight)
-        and (kernels := native_kernels()) is not None
-    ):
+    if x.dim() == 2 and x.dtype == weight.dtype and _kernel_ready(weight):
+        kernels = native_kernels()
         if _packable(weight):
             return kernels.packed_linear(x.contiguous(), _packed(kernels, weight), bias)
         if x.shape[0] <= _SMALL_LINEAR_MAX_ROWS:
@@ -93,18 +90,24 @@ def _pointwise_ready(x: torch.Tensor, width: int, multiple: int) -> bool:
 
 
 def _kernel_ready(weight: torch.Tensor) -> bool:
-    """Both native linear kernels take a contiguous fp32 [N, K] weight with K a multiple of 16."""
+    """The native linear kernels take a contiguous fp32 or bf16 [N, K] weight, K a multiple of 16."""
     return (
-        weight.dtype == torch.float32
+        weight.dtype in (torch.float32, torch.bfloat16)
         and weight.dim() == 2
         and weight.is_contiguous()
         and weight.shape[1] % 16 == 0
+        and native_kernels() is not None
     )
 
 
 def _packable(weight: torch.Tensor) -> bool:
-    """The packed kernel also needs N a multiple of 16 (its column blocks)."""
-    return _kernel_ready(weight) and weight.shape[0] % 16 == 0
+    """The packed kernel also needs N a multiple of 16 (its column blocks), and for bf16 a
+    CPU with bf16 dot products."""
+    return (
+        _kernel_ready(weight)
+        and weight.shape[0] % 16 == 0
+        and (weight.dtype == torch.float32 or native_kernels().has_bf16_dot())
+    )
 
 
 def pack_linear_weights(model: nn.Module) -> None:
@@ -127,7 +130,7 @@ def _packed(kernels, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) whose fp32 calls use the native kernels."""
+    """nn.Linear (same parameters and names) whose calls use the native kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
