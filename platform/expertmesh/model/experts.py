@@ -155,11 +155,7 @@ def apply_experts(weights: ExpertWeights, batch: ExpertBatch) -> torch.Tensor:
         return hidden.new_zeros(0, weights.down.shape[-1])
     widest = max(batch.counts)
     fused = native_kernels()
-    if (
-        fused is not None
-        and _fits_fused(weights)
-        and widest <= _fused_max_rows(weights.gate_up.dtype, fused)
-    ):
+    if fused is not None and _fits_fused(weights) and widest <= _fused_max_rows(weights.gate_up.dtype, fused):
         offsets = torch.tensor([0, *itertools.accumulate(batch.counts)])
         out = fused.fused_experts(
             hidden.contiguous(),
