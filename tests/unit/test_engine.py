@@ -3,6 +3,7 @@ KV cache admission, cancellation, stop conditions, streaming and request validat
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 
 import pytest
@@ -374,6 +375,39 @@ def test_abort_of_waiting_and_prefilling_requests(make_engine):
     assert engine.abort_request("prefilling") is True
     assert_idle(engine)
     assert engine.step() == []
+
+
+def test_a_request_is_accepted_while_a_step_runs_and_joins_the_next_step(make_engine, monkeypatch):
+    # A server's event loop calls add_request: it must not wait for the running step (a
+    # 1000-token prefill step takes about a second here), or every arrival behind it waits too.
+    engine = make_engine(max_num_seqs=4, max_num_batched_tokens=64)
+    engine.add_request("Once upon a time", greedy(4), request_id="first")
+    inside_step, release_step = threading.Event(), threading.Event()
+    execute = engine.runner.execute
+
+    def held_execute(plan):
+        inside_step.set()
+        assert release_step.wait(timeout=30)
+        return execute(plan)
+
+    monkeypatch.setattr(engine.runner, "execute", held_execute)
+    stepper = threading.Thread(target=engine.step)
+    stepper.start()
+    try:
+        assert inside_step.wait(timeout=30)
+        adder = threading.Thread(target=engine.add_request, args=("The quick brown fox", greedy(4), "second"))
+        adder.start()
+        adder.join(timeout=10)
+        assert not adder.is_alive(), "add_request waited for the running step"
+        assert waiting_ids(engine) == ["second"]
+    finally:
+        release_step.set()
+        stepper.join(timeout=30)
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    engine.step()
+    assert running_ids(engine) == ["first", "second"]
+    drain(engine)
+    assert_idle(engine)
 
 
 # ---- stop conditions ------------------------------------------------------------------------------

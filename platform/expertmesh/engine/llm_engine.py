@@ -98,10 +98,15 @@ class LLMEngine:
         )
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.eos_token_ids = eos_token_ids
-        self._requests: dict[str, Sequence] = {}
+        self._requests: dict[str, Sequence] = {}  # every unfinished request, by id
         self._ids = itertools.count()
         self._seed_source = torch.Generator().manual_seed(self.config.seed)
-        self.lock = threading.RLock()  # step() and abort() from different threads
+        # step() holds `lock` for the whole step; abort_request waits for it, so the blocks are
+        # free when it returns. add_request must not wait a step (a server's event loop calls
+        # it): it takes only `_admit_lock`, which guards `_requests` and the waiting queue and
+        # is held only for moments. Order: `lock`, then `_admit_lock`.
+        self.lock = threading.RLock()
+        self._admit_lock = threading.Lock()
         self.last_step = StepStats()
 
     @classmethod
@@ -171,7 +176,7 @@ class LLMEngine:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
             generator = torch.Generator().manual_seed(seed)
-        with self.lock:
+        with self._admit_lock:
             if request_id in self._requests:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self.check_queue_room(1)
@@ -190,7 +195,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its KV cache blocks. False if it was not running."""
-        with self.lock:
+        with self.lock, self._admit_lock:
             seq = self._requests.pop(request_id, None)
             if seq is None:
                 return False
@@ -209,7 +214,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one forward pass; report every request that gained text or finished."""
         with self.lock:
-            plan = self.scheduler.schedule()
+            with self._admit_lock:
+                plan = self.scheduler.schedule()
             if plan.empty:
                 return []
             started = time.perf_counter()
@@ -265,7 +271,8 @@ class LLMEngine:
     def _report(self, seq: Sequence) -> RequestOutput:
         finished = seq.finished
         if finished:
-            self._requests.pop(seq.request_id, None)
+            with self._admit_lock:
+                self._requests.pop(seq.request_id, None)
         # While a stop string could still be forming, hold back its possible prefix.
         hold = 0 if finished or not seq.params.stop else stop_holdback(seq.params.stop)
         visible = max(seq.emitted_chars, len(seq.text) - hold)

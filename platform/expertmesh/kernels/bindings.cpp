@@ -17,20 +17,24 @@ void rotary_qkv(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, i
                 c10::optional<at::Tensor> k_cache, c10::optional<at::Tensor> v_cache, c10::optional<at::Tensor> slots);
 }  // namespace expertmesh
 
+// Every kernel releases the GIL while it runs, as torch's own ops do: a server's event loop
+// (requests arriving, tokens leaving) keeps running during a step's long matmuls.
+using ReleaseGil = py::call_guard<py::gil_scoped_release>;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_experts", &expertmesh::fused_experts, "SwiGLU experts over rows sorted by expert");
-  m.def("pack_experts", &expertmesh::pack_experts, "expert weights in fused_experts' job order (contiguous blocks)");
-  m.def("decode_attention", &expertmesh::decode_attention, "one-token attention read from the paged KV cache");
-  m.def("small_linear", &expertmesh::small_linear, "x W^T (+ b) for a few rows, W as nn.Linear stores it",
+  m.def("fused_experts", &expertmesh::fused_experts, "SwiGLU experts over rows sorted by expert", ReleaseGil());
+  m.def("pack_experts", &expertmesh::pack_experts, "expert weights in fused_experts' job order (contiguous blocks)", ReleaseGil());
+  m.def("decode_attention", &expertmesh::decode_attention, "one-token attention read from the paged KV cache", ReleaseGil());
+  m.def("small_linear", &expertmesh::small_linear, "x W^T (+ b) for a few rows, W as nn.Linear stores it", ReleaseGil(),
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
-  m.def("pack_linear", &expertmesh::pack_linear, "an [N, K] weight in packed_linear's column-block layout");
-  m.def("packed_linear", &expertmesh::packed_linear, "x W^T (+ b) for a few rows, W packed by pack_linear",
+  m.def("pack_linear", &expertmesh::pack_linear, "an [N, K] weight in packed_linear's column-block layout", ReleaseGil());
+  m.def("packed_linear", &expertmesh::packed_linear, "x W^T (+ b) for a few rows, W packed by pack_linear", ReleaseGil(),
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
   m.def("has_bf16_dot", &expertmesh::has_bf16_dot, "whether bf16 weights can be packed (AVX512-BF16)");
-  m.def("silu_and_mul", &expertmesh::silu_and_mul, "silu(gate) * up of [T, 2I] (gate, up) rows, [T, I] contiguous");
-  m.def("rms_norm", &expertmesh::rms_norm, "RMSNorm of x, or of x + delta (returned first)", py::arg("x"),
+  m.def("silu_and_mul", &expertmesh::silu_and_mul, "silu(gate) * up of [T, 2I] (gate, up) rows, [T, I] contiguous", ReleaseGil());
+  m.def("rms_norm", &expertmesh::rms_norm, "RMSNorm of x, or of x + delta (returned first)", ReleaseGil(), py::arg("x"),
         py::arg("weight"), py::arg("eps"), py::arg("delta") = py::none());
-  m.def("rotary_qkv", &expertmesh::rotary_qkv, "RoPE on qkv's q and k heads in place, and the KV cache write",
+  m.def("rotary_qkv", &expertmesh::rotary_qkv, "RoPE on qkv's q and k heads in place, and the KV cache write", ReleaseGil(),
         py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("heads"), py::arg("kv_heads"), py::arg("dim"),
         py::arg("k_cache") = py::none(), py::arg("v_cache") = py::none(), py::arg("slots") = py::none());
 }
