@@ -20,7 +20,9 @@ untimed (warm-up), then once timed.
   a steady load (8 clients over HTTP, each sending its next request when the last
   one ends): the rows the engine sent each replica over a 20 s window, read from
   the platform's own `expertmesh_expert_replica_rows` counters on Ray's metrics
-  port; max/mean over a pool's replicas, the worst pool.
+  port; max/mean over a pool's replicas, the worst pool. It runs on a Ray of its
+  own that reports metrics every second; the throughput runs above use Ray's
+  defaults (every 10 s), as `expertmesh serve` does.
 - guidellm (when `make bench-peers` has installed it in .peers/guidellm): a
   bounded run of a real serving-benchmark client against the colocated model's
   OpenAI HTTP endpoint, synthetic prompts of the same sizes, the checkpoint's
@@ -32,6 +34,7 @@ untimed (warm-up), then once timed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -301,6 +304,30 @@ def workload_prompts() -> tuple[list[str], list[list[int]]]:
     return texts, [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
 
 
+@contextlib.contextmanager
+def local_serve(metrics_report_interval_ms: int | None = None):
+    """A fresh local Ray (never another session's cluster on this machine) with Serve's HTTP and
+    gRPC proxies on free ports; yields (HTTP base URL, gRPC target)."""
+    port, grpc_port = free_port(), free_port()
+    system_config = (
+        {"metrics_report_interval_ms": metrics_report_interval_ms} if metrics_report_interval_ms else {}
+    )
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=free_port(),  # as `expertmesh serve`; pool-replica-imbalance reads it
+        _system_config=system_config,
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(grpc_port))
+        yield f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     torch.set_num_threads(2)
     if not (CHECKPOINT / "config.json").is_file():
@@ -314,28 +341,18 @@ def main() -> None:
     in_process, moge_imbalance = run_in_process(prompts)
     print(f"in-process engine:        {in_process:8.1f} output tokens/s")
 
-    port, grpc_port = free_port(), free_port()
     revision = {"source": str(CHECKPOINT), "dtype": "float32", "engine_threads": 2}  # as in-process
     disaggregated_revision = revision | {"expert_parallel": {"enabled": True}}
-    ray.init(
-        address="local",  # a fresh instance, never another session's cluster on this machine
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=free_port(),  # pool-replica-imbalance reads the platform's counters there
-        _system_config={"metrics_report_interval_ms": 1000},  # Ray's default is 10 s
-    )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(grpc_port))
+    # Throughput runs under Ray's defaults, as `expertmesh serve` starts it.
+    with local_serve() as (url, grpc_target):
         # Each model is measured alone: idle deployments cost CPU too (Serve's controller
         # reconciles every deployment 10 times a second), which the measured model would lack.
         deploy(ServeConfig.parse({"models": [{"name": "colocated", "revisions": [revision]}]}))
-        url = f"http://127.0.0.1:{port}"
-        colocated_infer = asyncio.run(run_served_infer(f"127.0.0.1:{grpc_port}", "colocated", texts))
+        colocated_infer = asyncio.run(run_served_infer(grpc_target, "colocated", texts))
         print(
             f"served, colocated, gRPC:  {colocated_infer:8.1f} output tokens/s (ModelInfer through Ray Serve)"
         )
-        colocated_stream = asyncio.run(run_served_grpc(f"127.0.0.1:{grpc_port}", "colocated", prompts))
+        colocated_stream = asyncio.run(run_served_grpc(grpc_target, "colocated", prompts))
         print(
             f"served, colocated, gRPC:  {colocated_stream:8.1f} output tokens/s (streaming Generate, a message a token)"
         )
@@ -350,6 +367,10 @@ def main() -> None:
             f"served, disaggregated, HTTP: {disaggregated:5.1f} output tokens/s (8 expert pools over ZeroMQ)"
         )
 
+    # pool-replica-imbalance reads the platform's counters: a fresh Ray that reports them every
+    # second (its default is every 10 s), kept apart from the throughput runs, whose every process
+    # would pay for the tenfold reporting.
+    with local_serve(metrics_report_interval_ms=1000) as (url, _):
         pooled = revision | {"expert_parallel": {"enabled": True, "replicas_per_group": POOL_REPLICAS}}
         deploy(ServeConfig.parse({"models": [{"name": "pooled", "revisions": [pooled]}]}))
         pool_rows, pool_tps = asyncio.run(run_steady_pool_load(url, "pooled", prompts))
@@ -367,9 +388,6 @@ def main() -> None:
         gauges = scrape(REPLICA_IMBALANCE.name, "pooled")
         worst_gauge = max((v for g in gauges.values() for v in g.values()), default=float("nan"))
         print(f"  platform gauge {REPLICA_IMBALANCE.name}, worst pool, last 1 s window: {worst_gauge:.3f}")
-        serve.shutdown()
-    finally:
-        ray.shutdown()
     print(f"ratio served-http/in-process = {colocated / in_process:.2f}")
     print(f"ratio served-stream/in-process = {colocated_stream / in_process:.2f}")
     print(f"ratio served/in-process = {colocated_infer / in_process:.2f}")
