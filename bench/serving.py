@@ -3,7 +3,8 @@
 Workload: the `small` pangu_pro_moe checkpoint (MoGE, 8 groups), 16 prompts of random
 tokens (64 random ids decoded to text, and that text's ids: 65-76 tokens), 32 new tokens
 each, greedy, EOS ignored, all requests at once. Every path runs the workload once
-untimed (warm-up), then once timed.
+untimed (warm-up), then TIMED_RUNS times timed; the median rate counts (one
+2-second run swings by 10-20 % on this shared 2-core machine).
 
 - `served/in-process`: the workload as KServe ModelInfer calls over gRPC (grpcio
   stubs from the KServe proto) through Ray Serve's proxy (proxy -> router -> engine), against
@@ -39,6 +40,7 @@ import json
 import os
 import shlex
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -67,6 +69,7 @@ from expertmesh.serve.metrics import (
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "pangu_pro_moe-small"
 NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = 16, 64, 32
+TIMED_RUNS = 3  # per path; the median counts
 # pool-replica-imbalance: replicas per expert pool, closed-loop clients, seconds before and of the window
 POOL_REPLICAS, POOL_CLIENTS, POOL_WARMUP_S, POOL_WINDOW_S = 2, 8, 5.0, 20.0
 GUIDELLM = ROOT / ".peers" / "guidellm" / "bin" / "guidellm"
@@ -105,20 +108,25 @@ def run_in_process(prompts: list[list[int]]) -> tuple[float, float]:
         prompts, params, use_tqdm=False
     )  # warm-up: the same workload, untimed, as for the served runs
     counting.rows_per_group = [0] * len(counting.rows_per_group)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    rates = []
+    for _ in range(TIMED_RUNS):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        rates.append(sum(o.num_output_tokens for o in outs) / (time.perf_counter() - start))
     rows = counting.rows_per_group
-    return sum(o.num_output_tokens for o in outs) / elapsed, max(rows) / (sum(rows) / len(rows))
+    return statistics.median(rates), max(rows) / (sum(rows) / len(rows))
 
 
 async def warm_then_time(one, items: list) -> float:
-    """Output tokens/s of `one(item)` (it returns the tokens it got) for every item at once,
-    after a warm-up run of the same workload, untimed."""
+    """Output tokens/s of `one(item)` (it returns the tokens it got) for every item at once:
+    the median of TIMED_RUNS runs, after a warm-up run of the same workload, untimed."""
     await asyncio.gather(*(one(item) for item in items))
-    start = time.perf_counter()
-    tokens = sum(await asyncio.gather(*(one(item) for item in items)))
-    return tokens / (time.perf_counter() - start)
+    rates = []
+    for _ in range(TIMED_RUNS):
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(item) for item in items)))
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 async def run_served_grpc(target: str, model: str, prompts: list[list[int]]) -> float:
