@@ -103,6 +103,10 @@ at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tenso
 // output. Packed as [N / C, K, C], a column block is one contiguous stream; per input
 // feature k the tile loads C / 16 weight vectors and broadcasts x[m, k] for each of its
 // rows, so every FMA lands on a register accumulator and nothing is reduced at the end.
+//
+// bf16 weights are packed in k pairs for the CPU's bf16 dot-product instruction, as
+// [N / C, K / 2, C, 2]: per pair of inputs a tile loads C / 16 vectors of 16 columns' weight
+// pairs and broadcasts x[m, k:k+2] as one 32-bit value (see dot_pairs in simd.h).
 
 namespace {
 
@@ -112,27 +116,33 @@ int64_t packed_block_width(int64_t columns) {
   return columns % (4 * kLanes) == 0 ? 4 * kLanes : (columns % (2 * kLanes) == 0 ? 2 * kLanes : kLanes);
 }
 
-template <int MT, int NV>
-void packed_tile(const float* x, int64_t depth, const float* w, float* y, int64_t ldy, const float* bias) {
+// One tile: MT rows of x against one packed column block (fp32, or bf16 pair-packed).
+template <int MT, int NV, typename T>
+void packed_tile(const T* x, int64_t depth, const T* w, T* y, int64_t ldy, const T* bias) {
   v16 acc[MT][NV] = {};
-  for (int64_t k = 0; k < depth; ++k) {
-    v16 wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = load(w + k * NV * kLanes + v * kLanes);
-    for (int m = 0; m < MT; ++m) {
-      const v16 xm = broadcast(x[m * depth + k]);
-      for (int v = 0; v < NV; ++v) acc[m][v] += xm * wv[v];
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t k = 0; k < depth; ++k) {
+      v16 wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = load(w + k * NV * kLanes + v * kLanes);
+      for (int m = 0; m < MT; ++m) {
+        const v16 xm = broadcast(x[m * depth + k]);
+        for (int v = 0; v < NV; ++v) acc[m][v] += xm * wv[v];
+      }
     }
+  } else {
+#if defined(__AVX512BF16__)
+    accumulate_pairs(acc, x, depth, w, depth);
+#endif
   }
   for (int m = 0; m < MT; ++m)
     for (int v = 0; v < NV; ++v) store(y + m * ldy + v * kLanes, acc[m][v] + (bias ? load(bias + v * kLanes) : v16{}));
 }
 
-template <int NV>
-void packed_block(const float* x, int64_t rows, int64_t depth, const float* w, float* y, int64_t ldy,
-                  const float* bias) {
+template <int NV, typename T>
+void packed_block(const T* x, int64_t rows, int64_t depth, const T* w, T* y, int64_t ldy, const T* bias) {
   for (int64_t r = 0; r < rows; r += kPackedRowTile) {
-    const float* xr = x + r * depth;
-    float* yr = y + r * ldy;
+    const T* xr = x + r * depth;
+    T* yr = y + r * ldy;
     switch (std::min<int64_t>(kPackedRowTile, rows - r)) {
       case 1: packed_tile<1, NV>(xr, depth, w, yr, ldy, bias); break;
       case 2: packed_tile<2, NV>(xr, depth, w, yr, ldy, bias); break;
@@ -144,51 +154,24 @@ void packed_block(const float* x, int64_t rows, int64_t depth, const float* w, f
   }
 }
 
-}  // namespace
-
-// ---- bf16: weights packed in k pairs for the CPU's bf16 dot-product instruction -----
-//
-// Packed as [N / C, K / 2, C, 2]: per pair of inputs the tile loads C / 16 vectors of 16
-// columns' weight pairs and broadcasts x[m, k:k+2] as one 32-bit value (see dot_pairs).
-
-#if defined(__AVX512BF16__)
-namespace {
-
-template <int MT, int NV>
-void pair_tile(const at::BFloat16* x, int64_t depth, const at::BFloat16* w, at::BFloat16* y, int64_t ldy,
-               const at::BFloat16* bias) {
-  v16 acc[MT][NV] = {};
-  for (int64_t k = 0; k < depth; k += 2) {
-    pairs16 wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = load_pairs(w + (k * NV + v * 2) * kLanes);
-    for (int m = 0; m < MT; ++m) {
-      const int32_t xm = pair_at(x + m * depth, k);
-      for (int v = 0; v < NV; ++v) acc[m][v] = dot_pairs(acc[m][v], xm, wv[v]);
+// y = x W^T + b over every column block of a packed weight, blocks handed out dynamically.
+template <typename T>
+void packed_rows(const T* x, int64_t rows, int64_t depth, const T* packed, int64_t blocks, int64_t width,
+                 const T* bias, T* y) {
+  const int64_t columns = blocks * width;
+  dynamic_for(blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const T* w = packed + block * depth * width;
+      T* yb = y + block * width;
+      const T* bb = bias ? bias + block * width : nullptr;
+      if (width == 4 * kLanes) packed_block<4>(x, rows, depth, w, yb, columns, bb);
+      else if (width == 2 * kLanes) packed_block<2>(x, rows, depth, w, yb, columns, bb);
+      else packed_block<1>(x, rows, depth, w, yb, columns, bb);
     }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * kLanes, acc[m][v] + (bias ? load(bias + v * kLanes) : v16{}));
-}
-
-template <int NV>
-void pair_block(const at::BFloat16* x, int64_t rows, int64_t depth, const at::BFloat16* w, at::BFloat16* y,
-                int64_t ldy, const at::BFloat16* bias) {
-  for (int64_t r = 0; r < rows; r += kPackedRowTile) {
-    const at::BFloat16* xr = x + r * depth;
-    at::BFloat16* yr = y + r * ldy;
-    switch (std::min<int64_t>(kPackedRowTile, rows - r)) {
-      case 1: pair_tile<1, NV>(xr, depth, w, yr, ldy, bias); break;
-      case 2: pair_tile<2, NV>(xr, depth, w, yr, ldy, bias); break;
-      case 3: pair_tile<3, NV>(xr, depth, w, yr, ldy, bias); break;
-      case 4: pair_tile<4, NV>(xr, depth, w, yr, ldy, bias); break;
-      case 5: pair_tile<5, NV>(xr, depth, w, yr, ldy, bias); break;
-      default: pair_tile<6, NV>(xr, depth, w, yr, ldy, bias); break;
-    }
-  }
+  });
 }
 
 }  // namespace
-#endif
 
 bool has_bf16_dot() { return kHasBf16Dot; }
 
@@ -222,40 +205,13 @@ at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tens
               "packed weight does not match x");
   auto y = at::empty({rows, columns}, x.options());
   if (pairs) {
-#if defined(__AVX512BF16__)
-    const at::BFloat16* xd = x.data_ptr<at::BFloat16>();
-    const at::BFloat16* wd = packed.data_ptr<at::BFloat16>();
-    const at::BFloat16* b = bias_data<at::BFloat16>(bias, columns);
-    at::BFloat16* yd = y.data_ptr<at::BFloat16>();
-    dynamic_for(blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block) {
-        const at::BFloat16* w = wd + block * depth * width;
-        at::BFloat16* yb = yd + block * width;
-        const at::BFloat16* bb = b ? b + block * width : nullptr;
-        if (width == 4 * kLanes) pair_block<4>(xd, rows, depth, w, yb, columns, bb);
-        else if (width == 2 * kLanes) pair_block<2>(xd, rows, depth, w, yb, columns, bb);
-        else pair_block<1>(xd, rows, depth, w, yb, columns, bb);
-      }
-    });
-#else
-    TORCH_CHECK(false, "bf16 packed_linear needs a CPU with AVX512-BF16");
-#endif
-    return y;
+    TORCH_CHECK(kHasBf16Dot, "bf16 packed_linear needs a CPU with AVX512-BF16");
+    packed_rows(x.data_ptr<at::BFloat16>(), rows, depth, packed.data_ptr<at::BFloat16>(), blocks, width,
+                bias_data<at::BFloat16>(bias, columns), y.data_ptr<at::BFloat16>());
+  } else {
+    packed_rows(x.data_ptr<float>(), rows, depth, packed.data_ptr<float>(), blocks, width,
+                bias_data<float>(bias, columns), y.data_ptr<float>());
   }
-  const float* b = bias_data<float>(bias, columns);
-  const float* xd = x.data_ptr<float>();
-  const float* wd = packed.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
-  dynamic_for(blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const float* w = wd + block * depth * width;
-      float* yb = yd + block * width;
-      const float* bb = b ? b + block * width : nullptr;
-      if (width == 4 * kLanes) packed_block<4>(xd, rows, depth, w, yb, columns, bb);
-      else if (width == 2 * kLanes) packed_block<2>(xd, rows, depth, w, yb, columns, bb);
-      else packed_block<1>(xd, rows, depth, w, yb, columns, bb);
-    }
-  });
   return y;
 }
 

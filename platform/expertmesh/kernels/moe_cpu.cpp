@@ -109,14 +109,7 @@ template <int MT, int NV>
 void down_pairs_tile(const at::BFloat16* act, int64_t inter, const at::BFloat16* w, int64_t, int64_t hidden,
                      const float* row_weight, float* out) {
   v16 acc[MT][NV] = {};
-  for (int64_t k = 0; k < inter; k += 2) {
-    pairs16 wd[NV];
-    for (int v = 0; v < NV; ++v) wd[v] = load_pairs(w + (k * NV + v * 2) * kLanes);
-    for (int m = 0; m < MT; ++m) {
-      const int32_t am = pair_at(act + m * inter, k);
-      for (int v = 0; v < NV; ++v) acc[m][v] = dot_pairs(acc[m][v], am, wd[v]);
-    }
-  }
+  accumulate_pairs(acc, act, inter, w, inter);
   for (int m = 0; m < MT; ++m) {
     v16 scale = broadcast(row_weight[m]);
     for (int v = 0; v < NV; ++v) store(out + m * hidden + v * kLanes, acc[m][v] * scale);

@@ -103,6 +103,21 @@ inline pairs16 load_pairs(const at::BFloat16* w) { return (pairs16)_mm512_loadu_
 inline v16 dot_pairs(v16 acc, int32_t x_pair, pairs16 w) {
   return (v16)_mm512_dpbf16_ps((__m512)acc, (pairs16)_mm512_set1_epi32(x_pair), w);
 }
+
+// acc[m][v] += x[m] . W[:, v*16 .. v*16+15] for MT bf16 rows of x (row m at x + m * ldx) and a
+// pair-packed block W: per pair of inputs k, k+1, NV vectors of 16 columns' pairs.
+template <int MT, int NV>
+inline void accumulate_pairs(v16 (&acc)[MT][NV], const at::BFloat16* x, int64_t ldx, const at::BFloat16* w,
+                             int64_t depth) {
+  for (int64_t k = 0; k < depth; k += 2) {
+    pairs16 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load_pairs(w + (k * NV + v * 2) * kLanes);
+    for (int m = 0; m < MT; ++m) {
+      const int32_t xm = *reinterpret_cast<const int32_t*>(x + m * ldx + k);
+      for (int v = 0; v < NV; ++v) acc[m][v] = dot_pairs(acc[m][v], xm, wv[v]);
+    }
+  }
+}
 #else
 constexpr bool kHasBf16Dot = false;
 #endif
