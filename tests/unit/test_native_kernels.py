@@ -11,6 +11,7 @@ import torch
 import expertmesh.model.attention as attention
 import expertmesh.model.experts as experts
 import expertmesh.model.layers as layers
+from expertmesh import LLM
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.kernels import native_kernels
 from expertmesh.model.experts import ExpertWeights
@@ -220,6 +221,28 @@ def test_engine_gives_the_same_tokens_with_and_without_the_native_kernels(make_e
     for module in (attention, experts, layers):
         monkeypatch.setattr(module, "native_kernels", lambda: None)
     assert run() == native
+
+
+@pytest.mark.parametrize("checkpoint", ["pangu_tiny", "qwen2_moe_tiny"])
+def test_bf16_engine_on_the_native_kernels_agrees_with_torchs_bf16_path(checkpoint, request, monkeypatch):
+    # bf16 linears and experts run on the CPU's bf16 dot product where it has one. Both paths
+    # round to bf16, at slightly different places, so a sequence may part from torch's after a
+    # near-tie; each prompt's first greedy token (its prefill) must agree.
+    module = kernels()
+    llm = LLM(request.getfixturevalue(checkpoint), "bfloat16", show_progress=False)
+    block = llm.engine.model.moe_blocks[0]
+    if module.has_bf16_dot():  # the model's experts are pair-packed for the bf16 dot product
+        assert block.backend.layers[block.layer].kernel_layout(module)[0].dim() == 6
+    prompts = ["def main():", "import os\nimport sys\n\nclass Pool:", "x", "for i in range(10):"]
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=8)
+
+    def first_tokens() -> list[int]:
+        return [o.outputs[0].token_ids[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    native = first_tokens()
+    for module_with_kernels in (attention, experts, layers):
+        monkeypatch.setattr(module_with_kernels, "native_kernels", lambda: None)
+    assert first_tokens() == native
 
 
 # --- row-wise kernels: silu_and_mul, rms_norm, rotary_qkv -----------------------------------
