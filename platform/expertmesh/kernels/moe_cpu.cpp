@@ -83,26 +83,11 @@ void down_tile(const float* act, int64_t inter, const W* w, int64_t ldw, int64_t
 template <int MT, int NV>
 void gate_up_pairs_tile(const at::BFloat16* x, int64_t hidden, const at::BFloat16* w, int64_t, int64_t, int64_t inter,
                         at::BFloat16* act) {
-  v16 gate[MT][NV] = {};
-  v16 up[MT][NV] = {};
-  constexpr int64_t kHalf = NV * 2 * kLanes;  // bf16 values of one pair of rows, gate or up
-  for (int64_t k = 0; k < hidden; k += 2) {
-    const at::BFloat16* row = w + k * 2 * NV * kLanes;
-    pairs16 wg[NV], wu[NV];
-    for (int v = 0; v < NV; ++v) {
-      wg[v] = load_pairs(row + v * 2 * kLanes);
-      wu[v] = load_pairs(row + kHalf + v * 2 * kLanes);
-    }
-    for (int m = 0; m < MT; ++m) {
-      const int32_t xm = pair_at(x + m * hidden, k);
-      for (int v = 0; v < NV; ++v) {
-        gate[m][v] = dot_pairs(gate[m][v], xm, wg[v]);
-        up[m][v] = dot_pairs(up[m][v], xm, wu[v]);
-      }
-    }
-  }
+  // per pair of inputs the block holds NV gate vectors, then NV up vectors: 2 * NV in a row
+  v16 acc[MT][2 * NV] = {};
+  accumulate_pairs(acc, x, hidden, w, hidden);
   for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < NV; ++v) store(act + m * inter + v * kLanes, silu(gate[m][v]) * up[m][v]);
+    for (int v = 0; v < NV; ++v) store(act + m * inter + v * kLanes, silu(acc[m][v]) * acc[m][NV + v]);
 }
 
 template <int MT, int NV>

@@ -95,6 +95,9 @@ inline v16 silu(v16 x) { return x / (1.0f + exp(-x)); }
 #if defined(__AVX512BF16__)
 constexpr bool kHasBf16Dot = true;
 
+// x[k], x[k + 1] of a bf16 row as one 32-bit value (k even), for dot_pairs.
+inline int32_t pair_at(const at::BFloat16* x, int64_t k) { return *reinterpret_cast<const int32_t*>(x + k); }
+
 typedef __m512bh pairs16;  // 16 (column) pairs of bf16 weights
 
 inline pairs16 load_pairs(const at::BFloat16* w) { return (pairs16)_mm512_loadu_si512(w); }
@@ -113,7 +116,7 @@ inline void accumulate_pairs(v16 (&acc)[MT][NV], const at::BFloat16* x, int64_t 
     pairs16 wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = load_pairs(w + (k * NV + v * 2) * kLanes);
     for (int m = 0; m < MT; ++m) {
-      const int32_t xm = *reinterpret_cast<const int32_t*>(x + m * ldx + k);
+      const int32_t xm = pair_at(x + m * ldx, k);
       for (int v = 0; v < NV; ++v) acc[m][v] = dot_pairs(acc[m][v], xm, wv[v]);
     }
   }
@@ -121,9 +124,6 @@ inline void accumulate_pairs(v16 (&acc)[MT][NV], const at::BFloat16* x, int64_t 
 #else
 constexpr bool kHasBf16Dot = false;
 #endif
-
-// x[k], x[k + 1] of a bf16 row as one 32-bit value (k even), for dot_pairs.
-inline int32_t pair_at(const at::BFloat16* x, int64_t k) { return *reinterpret_cast<const int32_t*>(x + k); }
 
 // fn(begin, end) over [0, n) in chunks of `chunk`, handed out one at a time to the intra-op
 // threads. Unlike at::parallel_for's fixed split, a thread that the OS preempts (other
