@@ -11,6 +11,7 @@ from expertmesh.model.experts import (
     ExpertPartition,
     ExpertWeights,
     apply_experts,
+    combine,
     plan_dispatch,
 )
 
@@ -35,10 +36,6 @@ def make_weights(experts, hidden, inter, seed=0):
     )
 
 
-def combine(x, batch_out, token_index):
-    return torch.zeros_like(x).index_add_(0, token_index, batch_out)
-
-
 @pytest.fixture(params=["native", "torch"])
 def kernels(request, monkeypatch):
     """Run once with the fused native kernel (when this machine built it) and once with torch's paths."""
@@ -57,9 +54,9 @@ def test_apply_experts_matches_naive(tokens, k, kernels):
     ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=gen)
     w = make_weights(experts, hidden, inter)
-    batch, token_index = plan_dispatch(x, ids, weights, experts)
+    batch, dispatch = plan_dispatch(x, ids, weights, experts)
     assert sum(batch.counts) == tokens * k
-    got = combine(x, apply_experts(w, batch), token_index)
+    got = combine(apply_experts(w, batch), dispatch, x)
     torch.testing.assert_close(got, naive_moe(x, ids, weights, w.gate_up, w.down), atol=1e-5, rtol=1e-5)
 
 
@@ -72,13 +69,47 @@ def test_groups_run_separately_give_the_same_result_as_the_whole_layer():
     weights = torch.rand(tokens, 3, generator=gen)
     w = make_weights(experts, hidden, inter)
     partition = ExpertPartition(experts, groups)
-    batch, token_index = plan_dispatch(x, ids, weights, experts)
+    batch, _ = plan_dispatch(x, ids, weights, experts)
     whole = ColocatedExpertBackend({0: w}).run(0, batch)
     pieces = [apply_experts(w.for_group(partition, g), batch.for_group(partition, g)) for g in range(groups)]
     torch.testing.assert_close(torch.cat(pieces), whole)
     for g in range(groups):
         rows = batch.for_group(partition, g).num_rows
         assert rows == int(((ids >= g * 4) & (ids < (g + 1) * 4)).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,k", [(1, 8), (32, 4), (300, 2)])
+def test_native_dispatch_and_combine_are_torchs_bit_for_bit(tokens, k, dtype):
+    # The native pair replaces argsort/bincount/index_select and zeros_like/index_add_/+=;
+    # the model's outputs must not move by a bit, in either dtype.
+    if native_kernels() is None:
+        pytest.skip("the native kernels did not build here; see tests/unit/test_native_kernels.py")
+    experts, hidden = 16, 64
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    ids = torch.randint(0, experts, (tokens, k), generator=gen)  # repeats too: the sort must stay stable
+    weights = torch.rand(tokens, k, generator=gen).to(dtype)
+    batch, dispatch = plan_dispatch(x, ids, weights, experts)
+    assert dispatch.rows_of is not None  # the native path ran
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    assert torch.equal(dispatch.token_index, order // k)
+    assert torch.equal(batch.hidden, x[order // k]) and torch.equal(batch.weights, weights.reshape(-1)[order])
+    assert batch.counts == torch.bincount(ids.reshape(-1), minlength=experts).tolist()
+
+    routed = torch.randn(tokens * k, hidden, generator=gen).to(dtype)
+    shared = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    reference = torch.zeros_like(x).index_add_(0, dispatch.token_index, routed)
+    assert torch.equal(combine(routed, dispatch, x), reference)
+    assert torch.equal(combine(routed, dispatch, x, shared), reference + shared)
+
+
+def test_native_dispatch_refuses_an_expert_id_outside_the_layer():
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("the native kernels did not build here; see tests/unit/test_native_kernels.py")
+    with pytest.raises(RuntimeError, match=r"expert id 9 is outside \[0, 8\)"):
+        kernels.moe_dispatch(torch.randn(2, 16), torch.tensor([[1, 9], [0, 2]]), torch.rand(2, 2), 8)
 
 
 def test_partition_rejects_uneven_groups():

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import expertmesh.engine.sampler as sampler
 import expertmesh.model.attention as attention
 import expertmesh.model.experts as experts
 import expertmesh.model.layers as layers
@@ -218,7 +219,7 @@ def test_engine_gives_the_same_tokens_with_and_without_the_native_kernels(make_e
         return [done[i] for i in ids]
 
     native = run()
-    for module in (attention, experts, layers):
+    for module in (attention, experts, layers, sampler):
         monkeypatch.setattr(module, "native_kernels", lambda: None)
     assert run() == native
 
@@ -240,7 +241,7 @@ def test_bf16_engine_on_the_native_kernels_agrees_with_torchs_bf16_path(checkpoi
         return [o.outputs[0].token_ids[0] for o in llm.generate(prompts, params, use_tqdm=False)]
 
     native = first_tokens()
-    for module_with_kernels in (attention, experts, layers):
+    for module_with_kernels in (attention, experts, layers, sampler):
         monkeypatch.setattr(module_with_kernels, "native_kernels", lambda: None)
     assert first_tokens() == native
 
@@ -264,6 +265,27 @@ def assert_close_for(dtype, got, want, rtol_fp32=2e-6):
         torch.testing.assert_close(got, want, rtol=rtol_fp32, atol=1e-6)
     else:  # bf16: the same roundings as torch's ops; a sum's order may move one ulp
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 5), (3, 17), (32, 16384), (5, 151936)])
+def test_argmax_rows_is_torchs_argmax(rows, vocab):
+    module = kernels()
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab))
+    assert torch.equal(module.argmax_rows(logits), torch.argmax(logits, dim=-1))
+
+
+def test_argmax_rows_breaks_ties_and_meets_nans_and_infinities_as_torch_does():
+    module = kernels()
+    logits = torch.zeros(6, 40)
+    logits[0, 3] = logits[0, 30] = 1.0  # a tie: the first
+    logits[1, 2], logits[1, 5], logits[1, 9] = 7.0, float("nan"), 5.0  # a NaN beats a larger value
+    logits[2] = float("-inf")
+    logits[3, 39] = 2.0  # in the scalar tail
+    logits[4, 38] = float("nan")
+    logits[5, 33] = float("inf")
+    assert (
+        module.argmax_rows(logits).tolist() == torch.argmax(logits, dim=-1).tolist() == [3, 5, 0, 39, 38, 33]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -16,7 +16,14 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = ("bindings.cpp", "moe_cpu.cpp", "attention_cpu.cpp", "linear_cpu.cpp", "pointwise_cpu.cpp")
+SOURCES = (
+    "bindings.cpp",
+    "moe_cpu.cpp",
+    "dispatch_cpu.cpp",
+    "attention_cpu.cpp",
+    "linear_cpu.cpp",
+    "pointwise_cpu.cpp",
+)
 DISABLE_ENV = "EXPERTMESH_NATIVE_KERNELS"  # set to 0 to run torch's kernels only
 
 

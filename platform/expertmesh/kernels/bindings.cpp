@@ -12,9 +12,13 @@ at::Tensor pack_linear(at::Tensor weight);
 bool has_bf16_dot();
 at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias);
 at::Tensor silu_and_mul(at::Tensor gate_up);
+at::Tensor argmax_rows(at::Tensor x);
 std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> delta);
 void rotary_qkv(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t kv_heads, int64_t dim,
                 c10::optional<at::Tensor> k_cache, c10::optional<at::Tensor> v_cache, c10::optional<at::Tensor> slots);
+std::vector<at::Tensor> moe_dispatch(at::Tensor hidden, at::Tensor expert_ids, at::Tensor weights,
+                                     int64_t num_experts);
+at::Tensor moe_combine(at::Tensor routed, at::Tensor rows_of, c10::optional<at::Tensor> shared);
 }  // namespace expertmesh
 
 // Every kernel releases the GIL while it runs, as torch's own ops do: a server's event loop
@@ -24,6 +28,9 @@ using ReleaseGil = py::call_guard<py::gil_scoped_release>;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_experts", &expertmesh::fused_experts, "SwiGLU experts over rows sorted by expert", ReleaseGil());
   m.def("pack_experts", &expertmesh::pack_experts, "expert weights in fused_experts' job order (contiguous blocks)", ReleaseGil());
+  m.def("moe_dispatch", &expertmesh::moe_dispatch, "rows sorted by expert (stable), their weights, tokens, counts, and each assignment's row", ReleaseGil());
+  m.def("moe_combine", &expertmesh::moe_combine, "each token's expert rows summed (+ shared), as index_add_ sums them", ReleaseGil(),
+        py::arg("routed"), py::arg("rows_of"), py::arg("shared") = py::none());
   m.def("decode_attention", &expertmesh::decode_attention, "one-token attention read from the paged KV cache", ReleaseGil());
   m.def("small_linear", &expertmesh::small_linear, "x W^T (+ b) for a few rows, W as nn.Linear stores it", ReleaseGil(),
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
@@ -32,6 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
   m.def("has_bf16_dot", &expertmesh::has_bf16_dot, "whether bf16 weights can be packed (AVX512-BF16)");
   m.def("silu_and_mul", &expertmesh::silu_and_mul, "silu(gate) * up of [T, 2I] (gate, up) rows, [T, I] contiguous", ReleaseGil());
+  m.def("argmax_rows", &expertmesh::argmax_rows, "each row's argmax of [T, V] fp32 (first on ties, NaN wins)", ReleaseGil());
   m.def("rms_norm", &expertmesh::rms_norm, "RMSNorm of x, or of x + delta (returned first)", ReleaseGil(), py::arg("x"),
         py::arg("weight"), py::arg("eps"), py::arg("delta") = py::none());
   m.def("rotary_qkv", &expertmesh::rotary_qkv, "RoPE on qkv's q and k heads in place, and the KV cache write", ReleaseGil(),

@@ -1,5 +1,8 @@
 // Row-wise ops that torch runs as several passes over memory, each here one pass.
 //
+// argmax_rows: torch's argmax of a [32, 16384] logits block took 0.4 ms on these 2 cores,
+// about 1 % of a decode step; here it is two vector passes over each (cache-warm) row.
+//
 // silu_and_mul: torch's version is silu_ on the gate half, mul_ by the up half, and then
 // a strided copy to make the result contiguous for the next linear: at prefill sizes the
 // copy alone cost more than the two ops. rms_norm (with the residual add before it, when
@@ -10,7 +13,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "simd.h"
 
@@ -111,6 +116,34 @@ void rotary_rows(T* qkv, const T* cos, const T* sin, int64_t rows, int64_t heads
   });
 }
 
+// Index of a row's largest value, the first on ties; the first NaN wins, as in torch.argmax.
+int64_t argmax_row(const float* x, int64_t n) {
+  const int64_t whole = n / kLanes * kLanes;
+  float best = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  if (whole > 0) {
+    v16 top = load(x);
+    auto nans = top != top;
+    for (int64_t i = kLanes; i < whole; i += kLanes) {
+      const v16 v = load(x + i);
+      top = v > top ? v : top;
+      nans |= v != v;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      best = std::max(best, top[l]);
+      nan = nan || nans[l];
+    }
+  }
+  for (int64_t i = whole; i < n; ++i) {
+    best = std::max(best, x[i]);
+    nan = nan || std::isnan(x[i]);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (nan ? std::isnan(x[i]) : x[i] == best) return i;
+  }
+  return 0;  // all -inf: the first
+}
+
 void check_rows(const at::Tensor& t, const char* name, int64_t width_multiple) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, " must be fp32 or bf16");
@@ -127,6 +160,20 @@ at::Tensor silu_and_mul(at::Tensor gate_up) {
   with_row_type(gate_up.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     silu_and_mul_rows(gate_up.data_ptr<T>(), rows, inter, out.data_ptr<T>());
+  });
+  return out;
+}
+
+// x [T, V] fp32 -> [T] int64: each row's argmax.
+at::Tensor argmax_rows(at::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) > 0,
+              "x must be a contiguous, non-empty [T, V] fp32 tensor");
+  auto out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  const float* rows = x.data_ptr<float>();
+  int64_t* index = out.data_ptr<int64_t>();
+  const int64_t n = x.size(1);
+  dynamic_for(x.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) index[r] = argmax_row(rows + r * n, n);
   });
   return out;
 }

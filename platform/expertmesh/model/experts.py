@@ -64,20 +64,53 @@ class ExpertBatch:
         )
 
 
+@dataclass(frozen=True)
+class Dispatch:
+    """Where each row of an ExpertBatch came from, to add the expert outputs back (`combine`)."""
+
+    token_index: torch.Tensor  # [n]: the token of each row
+    rows_of: torch.Tensor | None = None  # [T, k]: each (token, choice)'s row; from the native kernel
+
+
+def _native_dispatch(hidden: torch.Tensor):
+    """The kernels, if they take these rows (fp32 or bf16, the hidden size a multiple of 16)."""
+    kernels = native_kernels()
+    ok = hidden.dtype in (torch.float32, torch.bfloat16) and hidden.shape[1] % 16 == 0
+    return kernels if ok and hidden.is_contiguous() else None
+
+
 def plan_dispatch(
     hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int
-) -> tuple[ExpertBatch, torch.Tensor]:
-    """Sort the (token, expert) assignments by expert.
+) -> tuple[ExpertBatch, Dispatch]:
+    """Sort the (token, expert) assignments by expert, stably.
 
-    Returns the batch and, for each of its rows, the token it came from, so the
-    caller can `index_add_` the expert outputs back.
+    Returns the batch and where its rows came from, for `combine`.
     """
+    kernels = _native_dispatch(hidden)
+    if kernels is not None:  # one call for torch's argsort, bincount, index_select and gather
+        rows, row_weights, token_index, counts, rows_of = kernels.moe_dispatch(
+            hidden, expert_ids.contiguous(), weights.contiguous(), num_experts
+        )
+        return ExpertBatch(rows, row_weights, counts.tolist()), Dispatch(token_index, rows_of)
     flat_ids = expert_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     token_index = order // expert_ids.shape[1]
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     batch = ExpertBatch(hidden.index_select(0, token_index), weights.reshape(-1)[order], counts)
-    return batch, token_index
+    return batch, Dispatch(token_index)
+
+
+def combine(
+    routed: torch.Tensor, dispatch: Dispatch, like: torch.Tensor, shared: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each token's weighted expert rows summed (+ the shared expert's output), shaped like `like`."""
+    kernels = _native_dispatch(routed) if dispatch.rows_of is not None else None
+    if kernels is not None and routed.dtype == like.dtype and (shared is None or shared.is_contiguous()):
+        return kernels.moe_combine(routed, dispatch.rows_of, shared)
+    out = torch.zeros_like(like).index_add_(0, dispatch.token_index, routed)
+    if shared is not None:
+        out += shared
+    return out
 
 
 @dataclass

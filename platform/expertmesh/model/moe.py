@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from expertmesh.model.config import MoEConfig
-from expertmesh.model.experts import ExpertBackend, plan_dispatch
+from expertmesh.model.experts import Dispatch, ExpertBackend, combine, plan_dispatch
 from expertmesh.model.layers import GatedMLP, Linear
 from expertmesh.model.routing import moge_routing, topk_routing
 
@@ -41,7 +41,7 @@ class SparseMoE(nn.Module):
         add to the step's per-expert counts instead of replacing them.
         """
         weights, expert_ids = self.route(x)
-        batch, token_index = plan_dispatch(x, expert_ids, weights, self.moe.num_experts)
+        batch, dispatch = plan_dispatch(x, expert_ids, weights, self.moe.num_experts)
         if accumulate_counts and len(self.last_expert_counts) == len(batch.counts):
             self.last_expert_counts = [
                 a + b for a, b in zip(self.last_expert_counts, batch.counts, strict=True)
@@ -54,14 +54,10 @@ class SparseMoE(nn.Module):
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_expert_gate(x))
-        return PendingMoE(handle, token_index, shared, x)
+        return PendingMoE(handle, dispatch, shared, x)
 
     def finish(self, pending: PendingMoE) -> torch.Tensor:
-        routed = self.backend.wait(pending.handle)
-        out = torch.zeros_like(pending.x).index_add_(0, pending.token_index, routed)
-        if pending.shared is not None:
-            out += pending.shared
-        return out
+        return combine(self.backend.wait(pending.handle), pending.dispatch, pending.x, pending.shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.start(x))
@@ -72,6 +68,6 @@ class PendingMoE:
     """A sparse block's work between `start` and `finish`: expert rows in flight, shared output ready."""
 
     handle: object
-    token_index: torch.Tensor
+    dispatch: Dispatch
     shared: torch.Tensor | None
     x: torch.Tensor
