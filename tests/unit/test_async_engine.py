@@ -270,67 +270,6 @@ def test_stream_false_through_the_local_client_yields_only_the_finished_output(m
         client.shutdown()
 
 
-class StepLog:
-    """on_step observer: the request ids that got an output, step by step."""
-
-    def __init__(self):
-        self.steps: list[set[str]] = []
-
-    def __call__(self, outputs) -> None:
-        self.steps.append({out.request_id for out in outputs})
-
-
-def arrive_spaced(aengine: AsyncLLMEngine, gap_s: float) -> None:
-    """The four prompts as a burst that trickles in, gap_s apart (as a server's hops deliver one)."""
-
-    async def main():
-        async def one(i: int):
-            await asyncio.sleep(i * gap_s)
-            return await collect(aengine, PROMPTS[i], greedy(3), f"r{i}")
-
-        return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
-
-    for outs in run(main()):
-        assert outs[-1].finished
-
-
-@pytest.mark.parametrize(("window_ms", "starts_together"), [(400, True), (0, False)])
-def test_a_burst_reaching_an_idle_engine_starts_in_one_step(make_engine, window_ms, starts_together):
-    # Started at the first arrival, a burst costs a step of its own for the first request
-    # (reading every expert weight) and a last step for the others; the batch window lets it in first.
-    log = StepLog()
-    aengine = AsyncLLMEngine(
-        make_engine(max_num_seqs=8, max_num_batched_tokens=128, batch_window_ms=window_ms), on_step=log
-    )
-    try:
-        arrive_spaced(aengine, gap_s=0.05)
-    finally:
-        aengine.shutdown()
-    if starts_together:  # 3 tokens each: 3 steps, each with all four
-        assert log.steps == [{"r0", "r1", "r2", "r3"}] * 3
-    else:  # the control: without the window the first step runs before the last request is in
-        assert "r0" in log.steps[0] and "r3" not in log.steps[0]
-
-
-def test_a_burst_that_fills_a_step_starts_without_waiting_out_the_window(make_engine):
-    log = StepLog()
-    aengine = AsyncLLMEngine(
-        make_engine(max_num_seqs=2, max_num_batched_tokens=128, batch_window_ms=1000), on_step=log
-    )
-    try:
-
-        async def main():
-            return await asyncio.gather(*(collect(aengine, p, greedy(2)) for p in PROMPTS[:2]))
-
-        started = time.monotonic()
-        run(main())
-        # two requests fill the two seats: no window (1 s, up to 10 s in all) is waited out
-        assert time.monotonic() - started < 0.9
-    finally:
-        aengine.shutdown()
-    assert len(log.steps[0]) == 2
-
-
 def eventually_sync(condition, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -13,7 +13,7 @@ from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.kv_cache import blocks_for, bytes_per_token
 from expertmesh.engine.llm_engine import LLMEngine, QueueFullError
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.engine.scheduler import StepPlan, fills_a_step, plan_step
+from expertmesh.engine.scheduler import StepPlan, plan_step
 from expertmesh.engine.sequence import RequestOutput, Sequence, SequenceStatus
 from expertmesh.errors import InvalidRequestError
 
@@ -252,15 +252,6 @@ def test_plan_accounts_blocks_across_admissions():
     assert ids(plan_step([], waiting, 10, cfg(), need).admitted) == ["w0", "w1"]
     assert ids(plan_step([], waiting, 12, cfg(), need).admitted) == ["w0", "w1", "w2"]
     assert ids(plan_step([], waiting, 3, cfg(), need).admitted) == []
-
-
-def test_waiting_prompts_fill_a_step_by_tokens_or_by_seats():
-    assert not fills_a_step([], cfg())
-    assert not fills_a_step([seq("a", 10), seq("b", 21)], cfg())  # 31 of 32 tokens
-    assert fills_a_step([seq("a", 10), seq("b", 22)], cfg())
-    assert fills_a_step([seq("a", 40)], cfg())  # one prompt longer than the budget
-    assert not fills_a_step([seq(f"s{i}", 1) for i in range(7)], cfg())  # 7 of 8 seats
-    assert fills_a_step([seq(f"s{i}", 1) for i in range(8)], cfg())
 
 
 def test_plan_step_changes_nothing():

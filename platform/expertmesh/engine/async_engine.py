@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 
 from expertmesh.engine.llm_engine import LLMEngine
@@ -22,8 +21,6 @@ OutputSink = Callable[[RequestOutput], None]
 def discard_outputs(output: RequestOutput) -> None:
     """The sink of a caller that wants only the finished output (it is still yielded)."""
 
-
-BURST_WINDOWS = 10  # the longest a first request waits for a burst to arrive, in batch windows
 
 _ABORTED = object()  # put on a stream's queue by abort(): the stream ends
 
@@ -141,25 +138,11 @@ class AsyncLLMEngine:
             loop, queue, _ = stream
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-    def _await_burst(self) -> None:
-        """A request reached an idle engine: wait while others keep arriving (batch_window_ms)."""
-        window = self.engine.config.batch_window_ms / 1000
-        deadline = time.monotonic() + BURST_WINDOWS * window
-        while not self._stopping and not self.engine.waiting_fills_a_step():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            if not self._wake.wait(timeout=min(window, remaining)):
-                return  # quiet for a whole window: the burst is in
-
     def _loop(self) -> None:
         while not self._stopping:
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
-                if self.engine.has_unfinished_requests():
-                    self._await_burst()
                 continue
             try:
                 outputs = self.engine.step()

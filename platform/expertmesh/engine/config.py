@@ -19,17 +19,6 @@ class EngineConfig(BaseModel):
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     max_queued_requests: int = Field(4096, ge=1, description="waiting requests before new ones are refused")
     seed: int = Field(0, description="seed for requests that bring none")
-    # A served burst reaches the engine over tens of ms (proxy -> router -> engine, one request at
-    # a time); started at once, the first request runs a step of its own and finishes a step ahead
-    # of the rest, two steps that each read every expert weight. Like Triton's max_queue_delay.
-    batch_window_ms: float = Field(
-        10.0,
-        ge=0,
-        le=1000,
-        description="served engine (AsyncLLMEngine): a request reaching an idle engine waits until no "
-        "other has arrived for this long (at most 10 windows, or until the waiting prompts fill a "
-        "step), so a burst of concurrent requests starts together; 0: start at once",
-    )
     # Ping-pong overlap of disaggregated experts (model/micro_batch.py). Off by default:
     # bench/overlap.py measured 0.91x throughput on this 2-core machine, where the pools
     # already fill the cores while the engine waits, so there is no idle time to hide.

@@ -18,7 +18,7 @@ from expertmesh.engine.kv_cache import BlockAllocator, KVCache
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.sampler import sample
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.engine.scheduler import Scheduler, fills_a_step
+from expertmesh.engine.scheduler import Scheduler
 from expertmesh.engine.sequence import CompletionOutput, RequestOutput, Sequence
 from expertmesh.errors import BackendUnavailableError, CheckpointError, InvalidRequestError
 from expertmesh.model.config import ModelConfig
@@ -204,10 +204,6 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work
-
-    def waiting_fills_a_step(self) -> bool:
-        with self._admit_lock:
-            return fills_a_step(self.scheduler.waiting, self.config)
 
     @property
     def num_unfinished_requests(self) -> int:

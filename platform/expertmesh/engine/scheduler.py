@@ -62,16 +62,6 @@ def plan_step(
     return plan
 
 
-def fills_a_step(waiting: Iterable[Sequence], config: EngineConfig) -> bool:
-    """Pure: whether the waiting prompts alone fill a step's token budget or its batch."""
-    tokens = seats = 0
-    for seq in waiting:
-        tokens, seats = tokens + len(seq.prompt_token_ids), seats + 1
-        if tokens >= config.max_num_batched_tokens or seats >= config.max_num_seqs:
-            return True
-    return False
-
-
 class Scheduler:
     def __init__(self, config: EngineConfig, allocator: BlockAllocator, max_model_len: int):
         self.config, self.allocator, self.max_model_len = config, allocator, max_model_len
