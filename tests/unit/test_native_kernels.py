@@ -116,7 +116,7 @@ def test_prefill_sized_fp32_batches_take_the_fused_kernel_and_match_matmuls(monk
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 64), (6, 3, 32)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 64), (6, 3, 32), (4, 2, 128), (2, 1, 256)])
 def test_decode_attention_matches_softmax_over_the_gathered_context(heads, kv_heads, dim, cache_dtype):
     module = kernels()
     gen = torch.Generator().manual_seed(heads * dim)
