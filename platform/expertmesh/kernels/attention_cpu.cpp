@@ -14,7 +14,6 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "simd.h"
@@ -36,16 +35,7 @@ inline float tree_sum(v16 v) {
 // softmax over s[0, n), 16 lanes at a time (the vector exp; std::exp for the last n % 16).
 void softmax_in_place(float* s, int64_t n) {
   const int64_t whole = n / kLanes * kLanes;
-  float peak = -std::numeric_limits<float>::infinity();
-  if (whole > 0) {
-    v16 top = load(s);
-    for (int64_t j = kLanes; j < whole; j += kLanes) {
-      const v16 v = load(s + j);
-      top = v > top ? v : top;
-    }
-    for (int l = 0; l < kLanes; ++l) peak = std::max(peak, top[l]);
-  }
-  for (int64_t j = whole; j < n; ++j) peak = std::max(peak, s[j]);
+  const float peak = max_of(s, n);
   const v16 peaks = broadcast(peak);
   v16 totals{};
   for (int64_t j = 0; j < whole; j += kLanes) {

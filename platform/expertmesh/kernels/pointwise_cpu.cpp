@@ -13,9 +13,7 @@
 
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <cmath>
-#include <limits>
 
 #include "simd.h"
 
@@ -118,26 +116,8 @@ void rotary_rows(T* qkv, const T* cos, const T* sin, int64_t rows, int64_t heads
 
 // Index of a row's largest value, the first on ties; the first NaN wins, as in torch.argmax.
 int64_t argmax_row(const float* x, int64_t n) {
-  const int64_t whole = n / kLanes * kLanes;
-  float best = -std::numeric_limits<float>::infinity();
   bool nan = false;
-  if (whole > 0) {
-    v16 top = load(x);
-    auto nans = top != top;
-    for (int64_t i = kLanes; i < whole; i += kLanes) {
-      const v16 v = load(x + i);
-      top = v > top ? v : top;
-      nans |= v != v;
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      best = std::max(best, top[l]);
-      nan = nan || nans[l];
-    }
-  }
-  for (int64_t i = whole; i < n; ++i) {
-    best = std::max(best, x[i]);
-    nan = nan || std::isnan(x[i]);
-  }
+  const float best = max_of(x, n, &nan);
   for (int64_t i = 0; i < n; ++i) {
     if (nan ? std::isnan(x[i]) : x[i] == best) return i;
   }

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include <cstdint>
@@ -41,6 +43,33 @@ inline float sum_lanes(v16 v) {
   float total = 0.0f;
   for (int l = 0; l < kLanes; ++l) total += v[l];
   return total;
+}
+
+// The largest of x[0, n), 16 lanes at a time (-inf for none). Only meaningful without NaNs
+// (one can hide its lane's later values): `saw_nan`, when given, says whether there was one.
+inline float max_of(const float* x, int64_t n, bool* saw_nan = nullptr) {
+  const int64_t whole = n / kLanes * kLanes;
+  float best = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  if (whole > 0) {
+    v16 top = load(x);
+    auto nans = top != top;
+    for (int64_t i = kLanes; i < whole; i += kLanes) {
+      const v16 v = load(x + i);
+      top = v > top ? v : top;
+      nans |= v != v;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      best = std::max(best, top[l]);
+      nan = nan || nans[l];
+    }
+  }
+  for (int64_t i = whole; i < n; ++i) {
+    best = std::max(best, x[i]);
+    nan = nan || std::isnan(x[i]);
+  }
+  if (saw_nan != nullptr) *saw_nan = nan;
+  return best;
 }
 
 typedef int32_t i16 __attribute__((vector_size(64)));

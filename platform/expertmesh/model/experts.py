@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from expertmesh.kernels import native_kernels
-from expertmesh.model.layers import silu_and_mul
+from expertmesh.model.layers import rows_ready, silu_and_mul
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,8 @@ class Dispatch:
 
 
 def _native_dispatch(hidden: torch.Tensor):
-    """The kernels, if they take these rows (fp32 or bf16, the hidden size a multiple of 16)."""
-    kernels = native_kernels()
-    ok = hidden.dtype in (torch.float32, torch.bfloat16) and hidden.shape[1] % 16 == 0
-    return kernels if ok and hidden.is_contiguous() else None
+    """The kernels, if they take these rows (see `rows_ready`)."""
+    return native_kernels() if rows_ready(hidden, hidden.shape[-1], 16) else None
 
 
 def plan_dispatch(

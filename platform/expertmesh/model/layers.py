@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def _native(self, x: torch.Tensor) -> bool:
-        return _pointwise_ready(x, self.weight.shape[0], 16) and x.dtype == self.weight.dtype
+        return rows_ready(x, self.weight.shape[0], 16) and x.dtype == self.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._native(x):
@@ -77,8 +77,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def _pointwise_ready(x: torch.Tensor, width: int, multiple: int) -> bool:
-    """The native row-wise kernels take contiguous 2-D fp32 or bf16 rows, `multiple` | width."""
+def rows_ready(x: torch.Tensor, width: int, multiple: int) -> bool:
+    """The native row-wise kernels (and MoE dispatch/combine) take contiguous 2-D fp32 or bf16
+    rows, `multiple` | width."""
     return (
         x.dim() == 2
         and x.shape[1] == width
@@ -153,7 +154,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2I] holding (gate, up) -> silu(gate) * up: natively in one pass to a contiguous
     result; with torch, in place on the gate half (a strided view the next linear copies)."""
     half = gate_up.shape[-1] // 2
-    if _pointwise_ready(gate_up, 2 * half, 32):
+    if rows_ready(gate_up, 2 * half, 32):
         return native_kernels().silu_and_mul(gate_up)
     gate = gate_up[..., :half]
     return F.silu(gate, inplace=True).mul_(gate_up[..., half:])
