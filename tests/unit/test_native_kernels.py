@@ -195,6 +195,57 @@ def test_packed_linear_matches_f_linear(rows, out_features, in_features, with_bi
     assert_linear_close(module.packed_linear(x, module.pack_linear(weight), bias), x, weight, bias)
 
 
+def tile_kernels():
+    module = kernels()
+    if not module.has_tile_linear():
+        pytest.skip("fp32 tile linears need a CPU and OS with AMX (AMX-BF16)")
+    return module
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("out_features,in_features", [(16, 32), (48, 64), (64, 512), (208, 1536)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_tile_linear_has_fp32s_accuracy(rows, out_features, in_features, with_bias):
+    # Rows across the 16-row tiles and 2-tile jobs; out-features that leave a lone 16-column block.
+    # The bound is fp32's own for a K-term dot product, K * 2^-24 * sum |x w|; dropping the lo.mid
+    # products (bf16x3, about 2^-16 each) breaks it, and so does any mislaid tile.
+    module = tile_kernels()
+    seed = rows * out_features + in_features
+    x, weight, bias = linear_case(rows, out_features, in_features, with_bias, torch.float32, seed)
+    got = module.tile_linear(x, module.pack_tile_linear(weight), bias)
+    want = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    magnitude = x.double().abs() @ weight.double().abs().T + (0 if bias is None else bias.double().abs())
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    assert ((got.double() - want).abs() <= in_features * 2**-24 * magnitude).all()
+    assert_linear_close(got, x, weight, bias)
+
+
+def test_tile_weights_split_exactly_into_three_bf16_parts():
+    module = tile_kernels()
+    gen = torch.Generator().manual_seed(7)
+    # values across many binades, and ones that need all 24 significand bits
+    weight = torch.randn(32, 64, generator=gen) * torch.logspace(-6, 6, 64)
+    weight[0, :8] = torch.tensor([1 + 2**-23, -(1 - 2**-24), 3.0, 0.0, 2**-20, 1e-30, 65504.0, 0.1])
+    packed = module.pack_tile_linear(weight)  # [N / 16, K / 32, 3, 16, 16, 2]
+    assert packed.dtype == torch.bfloat16 and packed.shape == (2, 2, 3, 16, 16, 2)
+    planes = packed.permute(2, 0, 4, 1, 3, 5).reshape(3, 32, 64).float()
+    assert torch.equal(planes[0] + planes[1] + planes[2], weight)
+    assert torch.equal(planes[0], weight.bfloat16().float())  # hi is weight rounded to bf16
+
+
+def test_fp32_linears_take_the_tile_kernel_from_16_rows(monkeypatch):
+    module = tile_kernels()
+    calls = []
+    monkeypatch.setattr(
+        layers, "native_kernels", lambda: _Recording(module, calls, ("tile_linear", "packed_linear"))
+    )
+    weight, bias = torch.randn(64, 96), torch.randn(64)
+    for rows in (4, 16, 40):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(layers.linear(x, weight, bias), x @ weight.T + bias, atol=1e-4, rtol=1e-5)
+    assert calls == ["packed_linear", "tile_linear", "tile_linear"]
+
+
 def test_linear_repacks_a_weight_that_was_written_to():
     kernels()
     x = torch.randn(4, 32)
@@ -373,13 +424,13 @@ def test_model_blocks_take_the_row_wise_kernels_for_contiguous_rows(monkeypatch)
 
 
 class _Recording:
-    """The native module, noting which row-wise kernels were called."""
+    """The native module, noting which of `names` (kernels) were called."""
 
-    def __init__(self, module, called):
-        self._module, self._called = module, called
+    def __init__(self, module, called, names=("silu_and_mul", "rms_norm")):
+        self._module, self._called, self._names = module, called, names
 
     def __getattr__(self, name):
-        if name in ("silu_and_mul", "rms_norm"):
+        if name in self._names:
             self._called.append(name)
         return getattr(self._module, name)
 

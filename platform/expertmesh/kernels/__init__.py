@@ -23,6 +23,7 @@ SOURCES = (
     "attention_cpu.cpp",
     "linear_cpu.cpp",
     "pointwise_cpu.cpp",
+    "amx_cpu.cpp",
 )
 DISABLE_ENV = "EXPERTMESH_NATIVE_KERNELS"  # set to 0 to run torch's kernels only
 

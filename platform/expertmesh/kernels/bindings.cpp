@@ -19,6 +19,9 @@ void rotary_qkv(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, i
 std::vector<at::Tensor> moe_dispatch(at::Tensor hidden, at::Tensor expert_ids, at::Tensor weights,
                                      int64_t num_experts);
 at::Tensor moe_combine(at::Tensor routed, at::Tensor rows_of, c10::optional<at::Tensor> shared);
+bool has_tile_linear();
+at::Tensor pack_tile_linear(at::Tensor weight);
+at::Tensor tile_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias);
 }  // namespace expertmesh
 
 // Every kernel releases the GIL while it runs, as torch's own ops do: a server's event loop
@@ -36,6 +39,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("pack_linear", &expertmesh::pack_linear, "an [N, K] weight in packed_linear's column-block layout", ReleaseGil());
   m.def("packed_linear", &expertmesh::packed_linear, "x W^T (+ b) for a few rows, W packed by pack_linear", ReleaseGil(),
+        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  m.def("has_tile_linear", &expertmesh::has_tile_linear, "whether fp32 linears can run on AMX (CPU and OS)");
+  m.def("pack_tile_linear", &expertmesh::pack_tile_linear, "an fp32 [N, K] weight split into bf16 hi/mid/lo tiles for tile_linear", ReleaseGil());
+  m.def("tile_linear", &expertmesh::tile_linear, "x W^T (+ b) in fp32 on AMX (bf16x6), W packed by pack_tile_linear", ReleaseGil(),
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
   m.def("has_bf16_dot", &expertmesh::has_bf16_dot, "whether bf16 weights can be packed (AVX512-BF16)");
   m.def("silu_and_mul", &expertmesh::silu_and_mul, "silu(gate) * up of [T, 2I] (gate, up) rows, [T, I] contiguous", ReleaseGil());

@@ -66,10 +66,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 _SMALL_LINEAR_MAX_ROWS = 32
 
 
+# fp32 linears of at least this many rows run on AMX where the CPU has it (kernels/amx_cpu.cpp:
+# fp32's accuracy from bf16 tile products); fewer rows stay on the packed fp32 kernel, which
+# reads 4 bytes a weight where the split tiles take 6.
+_TILE_MIN_ROWS = 16
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native kernels where they are faster."""
     if x.dim() == 2 and x.dtype == weight.dtype and _kernel_ready(weight):
         kernels = native_kernels()
+        if x.shape[0] >= _TILE_MIN_ROWS and _tileable(weight):
+            return kernels.tile_linear(x.contiguous(), _tile_packed(kernels, weight), bias)
         if _packable(weight):
             return kernels.packed_linear(x.contiguous(), _packed(kernels, weight), bias)
         if x.shape[0] <= _SMALL_LINEAR_MAX_ROWS:
@@ -111,22 +119,46 @@ def _packable(weight: torch.Tensor) -> bool:
     )
 
 
+def _tileable(weight: torch.Tensor) -> bool:
+    """The tile kernel takes fp32 weights with N a multiple of 16 and K of 32, on a CPU (and OS)
+    with AMX."""
+    return (
+        weight.dtype == torch.float32
+        and weight.shape[0] % 16 == 0
+        and weight.shape[1] % 32 == 0
+        and native_kernels().has_tile_linear()
+    )
+
+
 def pack_linear_weights(model: nn.Module) -> None:
-    """Pack every linear weight the packed kernel will read now, at load, not in the first step."""
+    """Pack every linear weight the native kernels will read now, at load, not in the first step."""
     kernels = native_kernels()
     if kernels is not None:
         for module in model.modules():
-            if isinstance(module, nn.Linear) and _packable(module.weight):
-                _packed(kernels, module.weight)
+            if isinstance(module, nn.Linear) and _kernel_ready(module.weight):
+                if _packable(module.weight):
+                    _packed(kernels, module.weight)
+                if _tileable(module.weight):
+                    _tile_packed(kernels, module.weight)
 
 
 def _packed(kernels, weight: torch.Tensor) -> torch.Tensor:
-    """`weight` in packed_linear's layout, made on first use and kept on the weight (a second
-    copy of it), made again if the weight is written to (its version counter moves)."""
-    cached = getattr(weight, "_expertmesh_packed", None)
+    """`weight` in packed_linear's layout (a second copy of it), kept on the weight."""
+    return _cached_on(weight, "_expertmesh_packed", kernels.pack_linear)
+
+
+def _tile_packed(kernels, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` split into tile_linear's bf16 hi/mid/lo tiles (1.5x its size), kept on the weight."""
+    return _cached_on(weight, "_expertmesh_tiles", kernels.pack_tile_linear)
+
+
+def _cached_on(weight: torch.Tensor, attribute: str, pack) -> torch.Tensor:
+    """pack(weight), made on first use and kept on the weight, made again if the weight is
+    written to (its version counter moves)."""
+    cached = getattr(weight, attribute, None)
     if cached is None or cached[0] != weight._version:
-        cached = (weight._version, kernels.pack_linear(weight.detach()))
-        weight._expertmesh_packed = cached
+        cached = (weight._version, pack(weight.detach()))
+        setattr(weight, attribute, cached)
     return cached[1]
 
 
