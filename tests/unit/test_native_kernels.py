@@ -44,13 +44,14 @@ def test_native_kernels_build_where_a_compiler_exists():
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hidden,inter", [(16, 16), (48, 32), (64, 48), (128, 96)])
-def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype, packed):
-    # Row counts 0..13 per expert cross the kernel's 6-row register tiles; the sizes
-    # exercise 1, 2 and 4 vectors per column block, in the canonical and the packed layout.
+@pytest.mark.parametrize("hidden,inter", [(16, 16), (48, 32), (64, 48), (96, 64), (128, 96)])
+@pytest.mark.parametrize("counts", [[0, 1, 5, 6, 7, 13, 12, 2], [17, 0, 33, 64, 1, 40, 0, 31]])
+def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype, packed, counts):
+    # Row counts 0..13 per expert cross the kernel's 6-row register tiles, 17..64 the tile
+    # unit's 16-row tiles and 32-row jobs (bf16, where the CPU has AMX); the sizes exercise 1,
+    # 2 and 4 vectors per column block, in the canonical and the packed layout.
     module = kernels()
     gen = torch.Generator().manual_seed(hidden + inter)
-    counts = [0, 1, 5, 6, 7, 13, 12, 2]
     rows = sum(counts)
     x = torch.randn(rows, hidden, generator=gen)
     row_weights = torch.rand(rows, generator=gen)
@@ -182,11 +183,12 @@ def test_small_linear_matches_f_linear(rows, out_features, in_features, with_bia
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 32])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 32, 33, 70])
 @pytest.mark.parametrize("out_features,in_features", [(16, 16), (32, 48), (48, 32), (192, 512)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_linear_matches_f_linear(rows, out_features, in_features, with_bias, dtype):
-    # Out-features that pack into 1-, 2- and 4-vector column blocks, rows across the 6-row tiles.
+    # Out-features that pack into 1-, 2- and 4-vector column blocks, rows across the 6-row tiles
+    # (and for bf16 on AMX, the 16-row tiles and 32-row jobs).
     module = kernels()
     if dtype == torch.bfloat16 and not module.has_bf16_dot():
         pytest.skip("bf16 weights are packed only for CPUs with bf16 dot products (AVX512-BF16)")

@@ -24,6 +24,7 @@ SOURCES = (
     "linear_cpu.cpp",
     "pointwise_cpu.cpp",
     "amx_cpu.cpp",
+    "amx_bf16_cpu.cpp",
 )
 DISABLE_ENV = "EXPERTMESH_NATIVE_KERNELS"  # set to 0 to run torch's kernels only
 

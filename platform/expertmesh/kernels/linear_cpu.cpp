@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "simd.h"
+#include "tiles.h"
 
 namespace expertmesh {
 namespace {
@@ -206,8 +207,15 @@ at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tens
   auto y = at::empty({rows, columns}, x.options());
   if (pairs) {
     TORCH_CHECK(kHasBf16Dot, "bf16 packed_linear needs a CPU with AVX512-BF16");
-    packed_rows(x.data_ptr<at::BFloat16>(), rows, depth, packed.data_ptr<at::BFloat16>(), blocks, width,
-                bias_data<at::BFloat16>(bias, columns), y.data_ptr<at::BFloat16>());
+    const at::BFloat16* bias_ptr = bias_data<at::BFloat16>(bias, columns);
+    if (tiles::available() && depth % tiles::kDepth == 0) {  // the same pairs, read by the tile unit
+      const at::Tensor padded = tiles::padded_rows(x);
+      tile_linear_bf16(padded.data_ptr<at::BFloat16>(), rows, depth, packed.data_ptr<at::BFloat16>(), columns, width,
+                       bias_ptr, y.data_ptr<at::BFloat16>());
+    } else {
+      packed_rows(x.data_ptr<at::BFloat16>(), rows, depth, packed.data_ptr<at::BFloat16>(), blocks, width, bias_ptr,
+                  y.data_ptr<at::BFloat16>());
+    }
   } else {
     packed_rows(x.data_ptr<float>(), rows, depth, packed.data_ptr<float>(), blocks, width,
                 bias_data<float>(bias, columns), y.data_ptr<float>());

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "simd.h"
+#include "tiles.h"
 
 namespace expertmesh {
 namespace {
@@ -338,9 +339,19 @@ at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_
   TORCH_CHECK(bounds.front() == 0 && bounds.back() == rows, "offsets must span all rows");
 
   auto x = hidden.to(pairs ? at::kBFloat16 : at::kFloat).contiguous();
-  auto act = at::empty({rows, inter}, x.options());
   auto out = at::empty({rows, width}, x.options().dtype(at::kFloat));
   const float* weights = row_weights.data_ptr<float>();
+  if (pairs && tiles::available() && width % tiles::kDepth == 0 && inter % tiles::kDepth == 0) {
+    // The same pairs, read by the tile unit; its jobs read whole 16-row tiles past the last rows.
+    const at::Tensor padded = tiles::padded_rows(x);
+    auto act = at::empty({rows + tiles::kJobRows, inter}, x.options());
+    const Widths widths = widths_for(width, inter);
+    tile_experts_bf16(padded.data_ptr<at::BFloat16>(), bounds, gate_up.data_ptr<at::BFloat16>(),
+                      down.data_ptr<at::BFloat16>(), weights, width, inter, widths.up * kLanes, widths.down * kLanes,
+                      act.data_ptr<at::BFloat16>(), out.data_ptr<float>());
+    return out;
+  }
+  auto act = at::empty({rows, inter}, x.options());
   if (pairs) {
 #if defined(__AVX512BF16__)
     dispatch_widths<Pairs>(x.data_ptr<at::BFloat16>(), bounds, gate_up.data_ptr<at::BFloat16>(),

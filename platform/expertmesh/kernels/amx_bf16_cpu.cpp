@@ -1,0 +1,158 @@
+// bf16 linears and experts on the tile unit (AMX), reading the pair-packed weights that
+// pack_linear and pack_experts make for the bf16 dot product: a 16-column slice of a block
+// of `width` columns is a weight tile whose rows (input pairs) are 4 * width bytes apart.
+// Accumulation is fp32, as on the dot-product path, and each result is rounded where that
+// path rounds it: a linear's output once, an expert's SwiGLU activations once.
+
+#include "tiles.h"
+
+namespace expertmesh {
+
+#if defined(EXPERTMESH_AMX)
+namespace {
+
+using tiles::kColumns;
+using tiles::kDepth;
+using tiles::kJobColumns;
+using tiles::kJobRows;
+using tiles::kRows;
+
+// A weight in pair order, [blocks of `width` columns, depth / 2 pairs, width, 2]: where the
+// tile of columns [column, column + 16) and inputs [k, k + 32) starts, and its row stride.
+struct PairWeights {
+  const at::BFloat16* data;
+  int64_t depth, width;
+
+  const at::BFloat16* tile(int64_t column, int64_t k) const {
+    return data + (column / width) * depth * width + k * width + (column % width) * 2;
+  }
+  int64_t stride() const { return 4 * width; }  // bytes from one input pair to the next
+};
+
+// out (fp32, rows `ldo` apart, 2 x 2 tiles) = x rows (bf16, `ldx` apart) . w, over all of depth.
+template <int RB, int CB>
+void product(const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t column, int64_t next_column,
+             float* out, int64_t ldo) {
+  tiles::zero_outputs<RB, CB>();
+  for (int64_t k = 0; k < w.depth; k += kDepth) {
+    tiles::load_x<RB>(x + k, kRows * ldx, ldx * 2);
+    tiles::load_w<CB>(w.tile(column, k), w.tile(next_column, k) - w.tile(column, k), w.stride());
+    tiles::multiply<RB, CB>();
+  }
+  tiles::store_outputs<RB, CB>(out, ldo);
+}
+
+// A job: up to 32 rows against one block of `width` weight columns, its 32-column (or
+// 16-column) slices one after the other. Two slices share every cache line of the block's
+// input-pair rows, so one thread reads each line once; jobs go block-major, so a thread's
+// consecutive jobs read the same weights.
+struct Job {
+  int64_t first_row, rows, column;
+};
+
+void add_jobs(int64_t first_row, int64_t rows, int64_t columns, int64_t width, std::vector<Job>& jobs) {
+  for (int64_t c = 0; c < columns; c += width)
+    for (int64_t r = 0; r < rows; r += kJobRows) jobs.push_back({first_row + r, std::min(kJobRows, rows - r), c});
+}
+
+// out[m, c] for the job's rows and a slice of `slice` columns (16 or 32) at column `column`.
+template <typename F>
+void over_slices(const Job& job, int64_t width, int64_t slice, const F& fn) {
+  for (int64_t column = job.column; column < job.column + width; column += slice) fn(column);
+}
+
+int64_t slice_of(int64_t width) { return width >= kJobColumns ? kJobColumns : kColumns; }
+
+// The job's rows of x . w for the slice at `column`, and for `second` (the next 16 columns, or
+// any other 16) when the slice is 32 wide, into acc.
+void slice_product(const Job& job, const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t column,
+                   int64_t second, bool two_columns, float (&acc)[kJobRows][kJobColumns]) {
+  tiles::with_blocks(job.rows > kRows, two_columns, [&]<int RB, int CB>() {
+    product<RB, CB>(x + job.first_row * ldx, ldx, w, column, second, &acc[0][0], kJobColumns);
+  });
+}
+
+}  // namespace
+
+void tile_linear_bf16(const at::BFloat16* x, int64_t rows, int64_t depth, const at::BFloat16* packed,
+                      int64_t columns, int64_t width, const at::BFloat16* bias, at::BFloat16* y) {
+  std::vector<Job> jobs;
+  add_jobs(0, rows, columns, width, jobs);
+  const PairWeights w{packed, depth, width};
+  const int64_t slice = slice_of(width);
+  tiles::parallel_jobs(static_cast<int64_t>(jobs.size()), [&](int64_t j) {
+    const Job& job = jobs[j];
+    over_slices(job, width, slice, [&](int64_t column) {
+      alignas(64) float acc[kJobRows][kJobColumns];
+      slice_product(job, x, depth, w, column, column + kColumns, slice > kColumns, acc);
+      for (int64_t m = 0; m < job.rows; ++m)
+        for (int64_t c = 0; c < slice; c += kLanes)
+          store(y + (job.first_row + m) * columns + column + c,
+                load(&acc[m][c]) + (bias ? load(bias + column + c) : v16{}));
+    });
+  });
+}
+
+// Phase 1 takes each 16 gate columns with the same 16 up columns as one 32-column slice, so
+// silu(gate) * up comes from its output tiles; phase 2 is a linear per expert whose outputs
+// are scaled by each row's routing weight.
+void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offsets, const at::BFloat16* gate_up,
+                       const at::BFloat16* down, const float* row_weight, int64_t hidden, int64_t inter,
+                       int64_t up_width, int64_t down_width, at::BFloat16* act, float* out) {
+  const int64_t experts = static_cast<int64_t>(offsets.size()) - 1;
+  struct ExpertJob {
+    int64_t expert;
+    Job job;
+  };
+  std::vector<ExpertJob> up_jobs, down_jobs;
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    std::vector<Job> up, dn;
+    add_jobs(offsets[e], rows, inter, up_width, up);  // in intermediate columns: gate and up alike
+    add_jobs(offsets[e], rows, hidden, down_width, dn);
+    for (const Job& job : up) up_jobs.push_back({e, job});
+    for (const Job& job : dn) down_jobs.push_back({e, job});
+  }
+  tiles::parallel_jobs(static_cast<int64_t>(up_jobs.size()), [&](int64_t j) {
+    const auto& [expert, job] = up_jobs[j];
+    // gate_up [E, I / U, H / 2, 2, U, 2]: per input pair, U gate columns then their U up columns,
+    // so as a pair-ordered weight it is blocks of 2U columns, intermediate column i's gate at
+    // 2U (i / U) + i % U and its up U further.
+    const PairWeights w{gate_up + expert * hidden * 2 * inter, hidden, 2 * up_width};
+    over_slices(job, up_width, kColumns, [&](int64_t column) {
+      const int64_t gate = column / up_width * 2 * up_width + column % up_width;
+      alignas(64) float acc[kJobRows][kJobColumns];  // per row: 16 gate values, then their 16 up values
+      slice_product(job, x, hidden, w, gate, gate + up_width, true, acc);
+      for (int64_t m = 0; m < job.rows; ++m)
+        store(act + (job.first_row + m) * inter + column, silu(load(&acc[m][0])) * load(&acc[m][kColumns]));
+    });
+  });
+  const int64_t slice = slice_of(down_width);
+  tiles::parallel_jobs(static_cast<int64_t>(down_jobs.size()), [&](int64_t j) {
+    const auto& [expert, job] = down_jobs[j];
+    const PairWeights w{down + expert * inter * hidden, inter, down_width};
+    over_slices(job, down_width, slice, [&](int64_t column) {
+      alignas(64) float acc[kJobRows][kJobColumns];
+      slice_product(job, act, inter, w, column, column + kColumns, slice > kColumns, acc);
+      for (int64_t m = 0; m < job.rows; ++m) {
+        const v16 scale = broadcast(row_weight[job.first_row + m]);
+        for (int64_t c = 0; c < slice; c += kLanes)
+          store(out + (job.first_row + m) * hidden + column + c, load(&acc[m][c]) * scale);
+      }
+    });
+  });
+}
+
+#else
+void tile_linear_bf16(const at::BFloat16*, int64_t, int64_t, const at::BFloat16*, int64_t, int64_t,
+                      const at::BFloat16*, at::BFloat16*) {
+  TORCH_CHECK(false, "bf16 tile kernels need a CPU with AMX-BF16 (this build has none)");
+}
+void tile_experts_bf16(const at::BFloat16*, const std::vector<int64_t>&, const at::BFloat16*, const at::BFloat16*,
+                       const float*, int64_t, int64_t, int64_t, int64_t, at::BFloat16*, float*) {
+  TORCH_CHECK(false, "bf16 tile kernels need a CPU with AMX-BF16 (this build has none)");
+}
+#endif
+
+}  // namespace expertmesh
