@@ -46,15 +46,8 @@ void gate_up_tile(const float* x, int64_t hidden, const W* w, int64_t ldw, int64
       }
     }
   }
-  for (int m = 0; m < MT; ++m) {
-    for (int v = 0; v < NV; ++v) {
-      float* dst = act + m * inter + v * kLanes;
-      for (int l = 0; l < kLanes; ++l) {
-        float g = gate[m][v][l];
-        dst[l] = g / (1.0f + std::exp(-g)) * up[m][v][l];
-      }
-    }
-  }
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < NV; ++v) store(act + m * inter + v * kLanes, silu(gate[m][v]) * up[m][v]);
 }
 
 // out[m, n] = weight[m] * (act[m] . Wd[:, n]) for NV*16 columns n; row k of the block at w + k * ldw.
