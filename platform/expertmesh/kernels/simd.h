@@ -154,6 +154,13 @@ inline void accumulate_pairs(v16 (&acc)[MT][NV], const at::BFloat16* x, int64_t 
 constexpr bool kHasBf16Dot = false;
 #endif
 
+// Ask for `bytes` from p into L1 ahead of their use. A kernel streaming a weight block from
+// memory row by row asks for the row a 4 KB page ahead: the hardware prefetchers stop at page
+// boundaries (fp32 experts at decode sizes: 19 GB/s of weights without, 21-22 with).
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 3);
+}
+
 // fn(begin, end) over [0, n) in chunks of `chunk`, handed out one at a time to the intra-op
 // threads. Unlike at::parallel_for's fixed split, a thread that the OS preempts (other
 // processes share the cores when serving) or that got heavier jobs holds up at most one
