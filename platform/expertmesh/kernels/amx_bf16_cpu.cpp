@@ -35,11 +35,11 @@ void product(const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t c
              float* out, int64_t ldo) {
   tiles::zero_outputs<RB, CB>();
   for (int64_t k = 0; k < w.depth; k += kDepth) {
-    // The next 16 input pairs' whole rows (every column of the block): in a decode step the
-    // weights come from memory, and 16 pair rows of a 32-column block are one 4 KB page, which
-    // the hardware prefetchers do not run into (bf16 experts at 4 rows each: 16 GB/s without,
-    // 18-19 with).
-    if (k + kDepth < w.depth) {
+    // Decode-sized jobs (16 rows or fewer) ask for the next 16 input pairs' whole rows (every
+    // column of the block): the weights come from memory, and 16 pair rows of a 32-column block
+    // are one 4 KB page, which the hardware prefetchers do not run into (bf16 experts at 4 rows
+    // each: 16 GB/s without, 18-19 with). Larger jobs read weights other jobs brought in.
+    if (RB == 1 && k + kDepth < w.depth) {
       const char* row = reinterpret_cast<const char*>(w.tile(column - column % w.width, k + kDepth));
       for (int r = 0; r < kDepth / 2; ++r, row += w.stride())
         for (int64_t line = 0; line < w.stride(); line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
