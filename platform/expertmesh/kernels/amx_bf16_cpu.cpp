@@ -32,14 +32,14 @@ struct PairWeights {
 // out (fp32, rows `ldo` apart, 2 x 2 tiles) = x rows (bf16, `ldx` apart) . w, over all of depth.
 template <int RB, int CB>
 void product(const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t column, int64_t next_column,
-             float* out, int64_t ldo) {
+             bool from_memory, float* out, int64_t ldo) {
   tiles::zero_outputs<RB, CB>();
   for (int64_t k = 0; k < w.depth; k += kDepth) {
-    // Decode-sized jobs (16 rows or fewer) ask for the next 16 input pairs' whole rows (every
-    // column of the block): the weights come from memory, and 16 pair rows of a 32-column block
-    // are one 4 KB page, which the hardware prefetchers do not run into (bf16 experts at 4 rows
-    // each: 16 GB/s without, 18-19 with). Larger jobs read weights other jobs brought in.
-    if (RB == 1 && k + kDepth < w.depth) {
+    // Weights read by this job alone (decode sizes) come from memory: ask for the next 16 input
+    // pairs' whole rows (every column of the block), one 4 KB page for a 32-column block, which
+    // the hardware prefetchers do not run into (bf16 experts at 4 rows each: 16 GB/s without,
+    // 18-19 with). Where several jobs share a block, they find it in cache.
+    if (from_memory && k + kDepth < w.depth) {
       const char* row = reinterpret_cast<const char*>(w.tile(column - column % w.width, k + kDepth));
       for (int r = 0; r < kDepth / 2; ++r, row += w.stride())
         for (int64_t line = 0; line < w.stride(); line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
@@ -57,11 +57,13 @@ void product(const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t c
 // consecutive jobs read the same weights.
 struct Job {
   int64_t first_row, rows, column;
+  bool alone;  // the only job on its weight block: its weights come from memory
 };
 
 void add_jobs(int64_t first_row, int64_t rows, int64_t columns, int64_t width, std::vector<Job>& jobs) {
   for (int64_t c = 0; c < columns; c += width)
-    for (int64_t r = 0; r < rows; r += kJobRows) jobs.push_back({first_row + r, std::min(kJobRows, rows - r), c});
+    for (int64_t r = 0; r < rows; r += kJobRows)
+      jobs.push_back({first_row + r, std::min(kJobRows, rows - r), c, rows <= kJobRows});
 }
 
 // out[m, c] for the job's rows and a slice of `slice` columns (16 or 32) at column `column`.
@@ -77,7 +79,7 @@ int64_t slice_of(int64_t width) { return width >= kJobColumns ? kJobColumns : kC
 void slice_product(const Job& job, const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t column,
                    int64_t second, bool two_columns, float (&acc)[kJobRows][kJobColumns]) {
   tiles::with_blocks(job.rows > kRows, two_columns, [&]<int RB, int CB>() {
-    product<RB, CB>(x + job.first_row * ldx, ldx, w, column, second, &acc[0][0], kJobColumns);
+    product<RB, CB>(x + job.first_row * ldx, ldx, w, column, second, job.alone, &acc[0][0], kJobColumns);
   });
 }
 
