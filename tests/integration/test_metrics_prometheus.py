@@ -276,17 +276,24 @@ def test_recording_rules_alerts_and_dashboard_queries_evaluate(prometheus, serve
         assert values(prometheus, f"expertmesh:expert_group_imbalance:max_layer{{{sel}}}", "") == {"": 1.0}
 
     poll(rules_evaluated)
-    with urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=10) as r:
-        groups = json.loads(r.read())["data"]["groups"]
-    rules = [rule for g in groups for rule in g["rules"]]
-    assert len(rules) == len(rule_exprs())
-    assert all(rule["health"] == "ok" for rule in rules), [r for r in rules if r["health"] != "ok"]
     # A healthy MoGE deployment: balanced groups and replicas, no errors. (Latency alerts depend
-    # on how busy this machine is, so they are not asserted.)
+    # on how busy this machine is, so they are not asserted.) Once in a full run here the MoGE
+    # balance alert was pending, not firing, when first read: a scrape need not see an engine's
+    # flush of its per-pool counters whole, so for an evaluation one pool's rate can lead
+    # another's; `for: 5m` keeps that from firing. It must clear.
     quiet = {"ExpertmeshMoGEBalanceBroken", "ExpertmeshExpertGroupImbalance", "ExpertmeshRequestErrors"}
     quiet |= {"ExpertmeshPoolReplicaImbalance", "ExpertmeshQueueSaturated", "ExpertmeshKVCacheFull"}
-    states = {r["name"]: r["state"] for r in rules if r["type"] == "alerting"}
-    assert quiet <= set(states)
-    assert {name: states[name] for name in quiet} == dict.fromkeys(quiet, "inactive")
+
+    def alerts_quiet():
+        with urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=10) as r:
+            groups = json.loads(r.read())["data"]["groups"]
+        rules = [rule for g in groups for rule in g["rules"]]
+        assert len(rules) == len(rule_exprs())
+        assert all(rule["health"] == "ok" for rule in rules), [r for r in rules if r["health"] != "ok"]
+        states = {r["name"]: r["state"] for r in rules if r["type"] == "alerting"}
+        assert quiet <= set(states)
+        assert {name: states[name] for name in quiet} == dict.fromkeys(quiet, "inactive")
+
+    poll(alerts_quiet, timeout=20.0)
     answered = [expr for expr in dashboard_exprs() if query(prometheus, as_promql(expr))]
     assert len(answered) >= len(dashboard_exprs()) // 2, "most dashboard panels should show data"
