@@ -5,13 +5,13 @@
 // nearest), so x . w is the sum of nine bf16 products. The six whose weight is at least
 // 2^-16 of the leading one (hi.hi, hi.mid, mid.hi, hi.lo, mid.mid, lo.hi) are accumulated in
 // fp32 by the tile unit; the three left out are below 2^-24 of it, fp32's own rounding
-// ("bf16x6", Henry, Tang and Heinecke, ARITH 2019). Tests check the error against an fp64
-// reference is that of torch's fp32 matmul.
+// ("bf16x6", Henry, Tang and Heinecke, ARITH 2019). Tests hold the error against an fp64
+// reference to fp32's own bound for a K-term dot product.
 //
 // Weights are split and packed once, at load, as [N / 16, K / 32, 3, 16, 16, 2]: for each
 // block of 16 output columns and 32 inputs, the hi, mid and lo tiles (16 input pairs x 16
 // columns x 2, the layout the tile unit reads B in), one 3 KB stream per column block.
-// Activations are split per call into three bf16 copies of x, row-padded to 16.
+// Activations are split per call into hi, mid and lo tiles of x, row-padded to 32.
 
 #include "tiles.h"
 
@@ -19,7 +19,7 @@ namespace expertmesh {
 
 namespace {
 
-constexpr int kPlanes = 3;        // hi, mid, lo
+constexpr int kPlanes = 3;  // hi, mid, lo
 using tiles::kColumns;
 using tiles::kDepth;
 using tiles::kRows;
