@@ -69,8 +69,14 @@ def serve_forever(config: ServeConfig, host: str = "127.0.0.1") -> None:
     import ray
     from ray import serve
 
+    from expertmesh.kernels import native_kernels
     from expertmesh.serve.app import deploy, grpc_options
 
+    # Compile the native kernels here, once, before any replica needs them: a replica that
+    # compiles them itself (about 40 s on 2 cores) and then loads its weights outlasted Serve's
+    # 60 s wait for the app on a first start.
+    print("preparing the native CPU kernels (compiled once for this machine, then cached)...", flush=True)
+    native_kernels()
     # a fixed metrics port, so deployments/prometheus/prometheus.yml can scrape it
     ray.init(include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     try:
