@@ -235,6 +235,19 @@ def test_tile_weights_split_exactly_into_three_bf16_parts():
     assert torch.equal(planes[0], weight.bfloat16().float())  # hi is weight rounded to bf16
 
 
+def test_tile_linear_against_an_identity_returns_the_other_operand_bit_for_bit():
+    # x . I == x and I . w == w only if every value's hi + mid + lo split (activations per call,
+    # weights at packing) is exact and no part is lost: values across many binades and ones that
+    # need all 24 significand bits.
+    module = tile_kernels()
+    gen = torch.Generator().manual_seed(7)
+    values = torch.randn(48, 64, generator=gen) * torch.logspace(-6, 6, 64)
+    values[0, :8] = torch.tensor([1 + 2**-23, -(1 - 2**-24), 3.0, 0.0, 2**-20, 1e-30, 65504.0, 0.1])
+    identity = torch.eye(64)
+    assert torch.equal(module.tile_linear(identity, module.pack_tile_linear(values)), values.T)
+    assert torch.equal(module.tile_linear(values, module.pack_tile_linear(identity)), values)
+
+
 def test_fp32_linears_take_the_tile_kernel_from_16_rows(monkeypatch):
     module = tile_kernels()
     calls = []
