@@ -56,14 +56,16 @@ void product(const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t c
 // input-pair rows, so one thread reads each line once; jobs go block-major, so a thread's
 // consecutive jobs read the same weights.
 struct Job {
+  int64_t expert;  // whose weights (0 for a linear)
   int64_t first_row, rows, column;
   bool alone;  // the only job on its weight block: its weights come from memory
 };
 
-void add_jobs(int64_t first_row, int64_t rows, int64_t columns, int64_t width, std::vector<Job>& jobs) {
+void add_jobs(int64_t expert, int64_t first_row, int64_t rows, int64_t columns, int64_t width,
+              std::vector<Job>& jobs) {
   for (int64_t c = 0; c < columns; c += width)
     for (int64_t r = 0; r < rows; r += kJobRows)
-      jobs.push_back({first_row + r, std::min(kJobRows, rows - r), c, rows <= kJobRows});
+      jobs.push_back({expert, first_row + r, std::min(kJobRows, rows - r), c, rows <= kJobRows});
 }
 
 // out[m, c] for the job's rows and a slice of `slice` columns (16 or 32) at column `column`.
@@ -88,7 +90,7 @@ void slice_product(const Job& job, const at::BFloat16* x, int64_t ldx, const Pai
 void tile_linear_bf16(const at::BFloat16* x, int64_t rows, int64_t depth, const at::BFloat16* packed,
                       int64_t columns, int64_t width, const at::BFloat16* bias, at::BFloat16* y) {
   std::vector<Job> jobs;
-  add_jobs(0, rows, columns, width, jobs);
+  add_jobs(0, 0, rows, columns, width, jobs);
   const PairWeights w{packed, depth, width};
   const int64_t slice = slice_of(width);
   tiles::parallel_jobs(static_cast<int64_t>(jobs.size()), [&](int64_t j) {
@@ -111,26 +113,18 @@ void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offset
                        const at::BFloat16* down, const float* row_weight, int64_t hidden, int64_t inter,
                        int64_t up_width, int64_t down_width, at::BFloat16* act, float* out) {
   const int64_t experts = static_cast<int64_t>(offsets.size()) - 1;
-  struct ExpertJob {
-    int64_t expert;
-    Job job;
-  };
-  std::vector<ExpertJob> up_jobs, down_jobs;
+  std::vector<Job> up_jobs, down_jobs;
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
-    if (rows == 0) continue;
-    std::vector<Job> up, dn;
-    add_jobs(offsets[e], rows, inter, up_width, up);  // in intermediate columns: gate and up alike
-    add_jobs(offsets[e], rows, hidden, down_width, dn);
-    for (const Job& job : up) up_jobs.push_back({e, job});
-    for (const Job& job : dn) down_jobs.push_back({e, job});
+    add_jobs(e, offsets[e], rows, inter, up_width, up_jobs);  // in intermediate columns: gate and up alike
+    add_jobs(e, offsets[e], rows, hidden, down_width, down_jobs);
   }
   tiles::parallel_jobs(static_cast<int64_t>(up_jobs.size()), [&](int64_t j) {
-    const auto& [expert, job] = up_jobs[j];
+    const Job& job = up_jobs[j];
     // gate_up [E, I / U, H / 2, 2, U, 2]: per input pair, U gate columns then their U up columns,
     // so as a pair-ordered weight it is blocks of 2U columns, intermediate column i's gate at
     // 2U (i / U) + i % U and its up U further.
-    const PairWeights w{gate_up + expert * hidden * 2 * inter, hidden, 2 * up_width};
+    const PairWeights w{gate_up + job.expert * hidden * 2 * inter, hidden, 2 * up_width};
     over_slices(job, up_width, kColumns, [&](int64_t column) {
       const int64_t gate = column / up_width * 2 * up_width + column % up_width;
       alignas(64) float acc[kJobRows][kJobColumns];  // per row: 16 gate values, then their 16 up values
@@ -141,8 +135,8 @@ void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offset
   });
   const int64_t slice = slice_of(down_width);
   tiles::parallel_jobs(static_cast<int64_t>(down_jobs.size()), [&](int64_t j) {
-    const auto& [expert, job] = down_jobs[j];
-    const PairWeights w{down + expert * inter * hidden, inter, down_width};
+    const Job& job = down_jobs[j];
+    const PairWeights w{down + job.expert * inter * hidden, inter, down_width};
     over_slices(job, down_width, slice, [&](int64_t column) {
       alignas(64) float acc[kJobRows][kJobColumns];
       slice_product(job, act, inter, w, column, column + kColumns, slice > kColumns, acc);

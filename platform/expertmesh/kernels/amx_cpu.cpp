@@ -65,10 +65,10 @@ inline void init_outputs(const float* bias) {
 }
 
 // One job: RB 16-row blocks of x by CB 16-column blocks of W, over all of K. x and w point
-// at their first block's tiles; `block_stride` and `w_stride` step to the next block's.
+// at their first block's tiles; `block_stride` steps to the next block's (x's and W's alike).
 template <int RB, int CB>
-void tile_job(const at::BFloat16* x, int64_t block_stride, const at::BFloat16* w, int64_t w_stride, int64_t depth,
-              const float* bias, float* out, int64_t ldo) {
+void tile_job(const at::BFloat16* x, const at::BFloat16* w, int64_t block_stride, int64_t depth, const float* bias,
+              float* out, int64_t ldo) {
   init_outputs<RB, CB>(bias);
   const at::BFloat16 *hi = x, *mid = x + kValues, *lo = x + 2 * kValues;
   const at::BFloat16 *w_hi = w, *w_mid = w + kValues, *w_lo = w + 2 * kValues;
@@ -76,18 +76,18 @@ void tile_job(const at::BFloat16* x, int64_t block_stride, const at::BFloat16* w
     const int64_t at = (k / kDepth) * kPlanes * kValues;
     // hi.lo, hi.mid, hi.hi, mid.hi, mid.mid, lo.hi: each x and weight tile loaded once or twice.
     tiles::load_x<RB>(hi + at, block_stride, 64);
-    tiles::load_w<CB>(w_lo + at, w_stride, 64);
+    tiles::load_w<CB>(w_lo + at, block_stride, 64);
     tiles::multiply<RB, CB>();
-    tiles::load_w<CB>(w_mid + at, w_stride, 64);
+    tiles::load_w<CB>(w_mid + at, block_stride, 64);
     tiles::multiply<RB, CB>();
-    tiles::load_w<CB>(w_hi + at, w_stride, 64);
+    tiles::load_w<CB>(w_hi + at, block_stride, 64);
     tiles::multiply<RB, CB>();
     tiles::load_x<RB>(mid + at, block_stride, 64);
     tiles::multiply<RB, CB>();
-    tiles::load_w<CB>(w_mid + at, w_stride, 64);
+    tiles::load_w<CB>(w_mid + at, block_stride, 64);
     tiles::multiply<RB, CB>();
     tiles::load_x<RB>(lo + at, block_stride, 64);
-    tiles::load_w<CB>(w_hi + at, w_stride, 64);
+    tiles::load_w<CB>(w_hi + at, block_stride, 64);
     tiles::multiply<RB, CB>();
   }
   tiles::store_outputs<RB, CB>(out, ldo);
@@ -96,13 +96,7 @@ void tile_job(const at::BFloat16* x, int64_t block_stride, const at::BFloat16* w
 
 }  // namespace
 
-bool has_tile_linear() {
-#if defined(EXPERTMESH_AMX)
-  return tiles::os_grants();
-#else
-  return false;
-#endif
-}
+bool has_tile_linear() { return tiles::available(); }
 
 // weight [N, K] fp32 (N a multiple of 16, K of 32) -> [N / 16, K / 32, 3, 16, 16, 2] bf16:
 // hi, mid and lo, each rounded to nearest, so that weight == hi + mid + lo exactly.
@@ -158,7 +152,7 @@ at::Tensor tile_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor
     const float* bj = bias_ptr ? bias_ptr + first_column : nullptr;
     float* oj = out + first_row * columns + first_column;
     tiles::with_blocks(two_rows, two_columns, [&]<int RB, int CB>() {
-      tile_job<RB, CB>(xj, block_stride, wj, block_stride, depth, bj, oj, columns);
+      tile_job<RB, CB>(xj, wj, block_stride, depth, bj, oj, columns);
     });
   });
   return padded == rows ? y : y.narrow(0, 0, rows);
