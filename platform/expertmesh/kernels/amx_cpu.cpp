@@ -51,6 +51,10 @@ void split_rows(const float* x, int64_t rows, int64_t padded, int64_t depth, at:
   });
 }
 
+// A job's columns: its 32 rows of x (three planes) are read again from cache for each 32 of
+// them rather than fetched anew by another job (fp32 prefill 6 - 7 % faster than 32).
+constexpr int64_t kSpan = 128;
+
 template <int RB, int CB>
 inline void init_outputs(const float* bias) {
   // With a bias, each output row starts as it (a load with stride 0).
@@ -139,21 +143,23 @@ at::Tensor tile_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor
   split_rows(x.data_ptr<float>(), rows, padded, depth, split.data_ptr<at::BFloat16>());
   // Whole output tiles go straight to y; a last, partial one goes to the padded rows.
   auto y = at::empty({padded, columns}, x.options());
-  const int64_t row_jobs = padded / tiles::kJobRows, column_jobs = (columns + tiles::kJobColumns - 1) / tiles::kJobColumns;
+  const int64_t row_jobs = padded / tiles::kJobRows, column_jobs = (columns + kSpan - 1) / kSpan;
   const at::BFloat16* xs = split.data_ptr<at::BFloat16>();
   const at::BFloat16* w = packed.data_ptr<at::BFloat16>();
   float* out = y.data_ptr<float>();
-  // Column-block major: a thread's consecutive jobs read the same weights (from L2).
+  // Column-span major: a thread's consecutive jobs read the same weights (from L2).
   tiles::parallel_jobs(column_jobs * row_jobs, [&](int64_t job) {
-    const int64_t first_column = (job / row_jobs) * tiles::kJobColumns, first_row = (job % row_jobs) * tiles::kJobRows;
-    const bool two_rows = rows - first_row > kRows, two_columns = columns - first_column > kColumns;
+    const int64_t first_row = (job % row_jobs) * tiles::kJobRows, span_end = std::min(columns, (job / row_jobs + 1) * kSpan);
     const at::BFloat16* xj = xs + first_row / kRows * block_stride;
-    const at::BFloat16* wj = w + first_column / kColumns * block_stride;
-    const float* bj = bias_ptr ? bias_ptr + first_column : nullptr;
-    float* oj = out + first_row * columns + first_column;
-    tiles::with_blocks(two_rows, two_columns, [&]<int RB, int CB>() {
-      tile_job<RB, CB>(xj, wj, block_stride, depth, bj, oj, columns);
-    });
+    for (int64_t first_column = (job / row_jobs) * kSpan; first_column < span_end; first_column += tiles::kJobColumns) {
+      const bool two_rows = rows - first_row > kRows, two_columns = columns - first_column > kColumns;
+      const at::BFloat16* wj = w + first_column / kColumns * block_stride;
+      const float* bj = bias_ptr ? bias_ptr + first_column : nullptr;
+      float* oj = out + first_row * columns + first_column;
+      tiles::with_blocks(two_rows, two_columns, [&]<int RB, int CB>() {
+        tile_job<RB, CB>(xj, wj, block_stride, depth, bj, oj, columns);
+      });
+    }
   });
   return padded == rows ? y : y.narrow(0, 0, rows);
 #else
