@@ -186,7 +186,9 @@ def test_small_linear_matches_f_linear(rows, out_features, in_features, with_bia
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 32, 33, 70])
-@pytest.mark.parametrize("out_features,in_features", [(16, 16), (32, 48), (48, 32), (192, 512), (592, 64), (1088, 96)])
+@pytest.mark.parametrize(
+    "out_features,in_features", [(16, 16), (32, 48), (48, 32), (192, 512), (592, 64), (1088, 96)]
+)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_linear_matches_f_linear(rows, out_features, in_features, with_bias, dtype):
     # Out-features that pack into 1-, 2- and 4-vector column blocks, rows across the 6-row tiles
