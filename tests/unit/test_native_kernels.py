@@ -265,6 +265,33 @@ def test_fp32_linears_take_the_tile_kernel_from_16_rows(monkeypatch):
     assert calls == ["packed_linear", "tile_linear", "tile_linear"]
 
 
+@pytest.mark.parametrize("rows", [1, 32, 70])
+@pytest.mark.parametrize("gated", [False, True])
+def test_bf16_gated_mlp_runs_as_one_fused_expert_on_the_tile_unit(rows, gated, monkeypatch):
+    # A shared expert's (or a dense model's) SwiGLU in bf16: gate and up products meet in the
+    # kernel's tiles, silu(gate) * up is rounded to bf16 once, and the down products are scaled
+    # by the row weights (the shared expert's sigmoid gate) as they are stored.
+    module = tile_kernels()
+    calls = []
+    monkeypatch.setattr(layers, "native_kernels", lambda: _Recording(module, calls, ("fused_experts",)))
+    torch.manual_seed(rows)
+    mlp = layers.GatedMLP(96, 160).bfloat16()
+    for weight in (mlp.gate_up_proj.weight, mlp.down_proj.weight):
+        torch.nn.init.normal_(weight, std=0.1)
+    x = torch.randn(rows, 96).bfloat16()
+    row_weights = torch.rand(rows, 1) if gated else None
+    got = mlp(x, row_weights)
+    gate, up = (x.float() @ mlp.gate_up_proj.weight.float().T).chunk(2, dim=-1)
+    want = (torch.nn.functional.silu(gate) * up).bfloat16().float() @ mlp.down_proj.weight.float().T
+    if gated:
+        want = want * row_weights
+    assert calls == ["fused_experts"] and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
+    with torch.no_grad():  # written to after the first call: packed again
+        mlp.down_proj.weight.mul_(-1.0)
+    torch.testing.assert_close(mlp(x, row_weights).float(), -want, atol=2e-2, rtol=1e-2)
+
+
 def test_linear_repacks_a_weight_that_was_written_to():
     kernels()
     x = torch.randn(4, 32)

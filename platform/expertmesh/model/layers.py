@@ -134,8 +134,14 @@ def pack_linear_weights(model: nn.Module) -> None:
     """Pack every linear weight the native kernels will read now, at load, not in the first step."""
     kernels = native_kernels()
     if kernels is not None:
+        fused = [m for m in model.modules() if isinstance(m, GatedMLP) and m.fused_layout() is not None]
+        skip = {id(linear.weight) for mlp in fused for linear in (mlp.gate_up_proj, mlp.down_proj)}
         for module in model.modules():
-            if isinstance(module, nn.Linear) and _kernel_ready(module.weight):
+            if (
+                isinstance(module, nn.Linear)
+                and _kernel_ready(module.weight)
+                and id(module.weight) not in skip
+            ):
                 if _packable(module.weight):
                     _packed(kernels, module.weight)
                 if _tileable(module.weight):
@@ -170,7 +176,12 @@ class Linear(nn.Linear):
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul.
+
+    In bf16 on the tile unit it runs as one expert of the fused expert kernel, which takes
+    silu(gate) * up from the up products' tiles and scales the rows by `row_weights` as it
+    stores them, instead of writing gate and up out and reading them back.
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -178,8 +189,38 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of each row of x [T, H], times row_weights [T, 1] when given."""
+        layout = self.fused_layout() if x.dim() == 2 and x.dtype == torch.bfloat16 else None
+        if layout is None:
+            out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+            return out if row_weights is None else out * row_weights
+        rows = x.shape[0]
+        weights = torch.ones(rows) if row_weights is None else row_weights.float().reshape(rows).contiguous()
+        out = native_kernels().fused_experts(x.contiguous(), torch.tensor([0, rows]), *layout, weights)
+        return out.to(x.dtype)
+
+    def fused_layout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weights as one expert in pack_experts' layout, where the fused kernel runs bf16
+        on the tile unit (made once, again if a weight is written to); else None."""
+        gate_up, down = self.gate_up_proj.weight, self.down_proj.weight
+        kernels = native_kernels()
+        if not (
+            kernels is not None
+            and gate_up.dtype == down.dtype == torch.bfloat16
+            and kernels.has_tile_linear()
+            and gate_up.shape[1] % 32 == 0
+            and self.intermediate_size % 32 == 0
+        ):
+            return None
+        versions = (gate_up._version, down._version)
+        cached = getattr(self, "_fused", None)
+        if cached is None or cached[0] != versions:
+            packed = kernels.pack_experts(
+                gate_up.detach().t().unsqueeze(0).contiguous(), down.detach().t().unsqueeze(0).contiguous()
+            )
+            cached = self._fused = (versions, tuple(packed))
+        return cached[1]
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,8 @@ class SparseMoE(nn.Module):
         handle = self.backend.submit(self.layer, batch)
         shared = None
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_expert_gate(x))
+            gate = torch.sigmoid(self.shared_expert_gate(x)) if self.shared_expert_gate is not None else None
+            shared = self.shared_expert(x, gate)
         return PendingMoE(handle, dispatch, shared, x)
 
     def finish(self, pending: PendingMoE) -> torch.Tensor:
