@@ -292,6 +292,26 @@ def test_bf16_gated_mlp_runs_as_one_fused_expert_on_the_tile_unit(rows, gated, m
     torch.testing.assert_close(mlp(x, row_weights).float(), -want, atol=2e-2, rtol=1e-2)
 
 
+def test_tile_experts_read_the_rows_moe_dispatch_leaves_spare_without_their_values_leaking():
+    # moe_dispatch leaves 16 rows after the sorted rows so that the tile jobs can read past the
+    # last expert's rows in place; whatever those rows hold (here NaN) never reaches the outputs.
+    module = tile_kernels()
+    counts = [17, 0, 33, 5]
+    rows = sum(counts)
+    w = make_weights(len(counts), 64, 96, seed=3)
+    layout = ExpertWeights(w.gate_up.bfloat16(), w.down.bfloat16()).kernel_layout(module)
+    storage = torch.full((rows + 16, 64), float("nan"), dtype=torch.bfloat16)
+    storage[:rows] = torch.randn(rows, 64).bfloat16()
+    offsets, row_weights = torch.tensor([0, *itertools.accumulate(counts)]), torch.rand(rows)
+    in_place = module.fused_experts(storage[:rows], offsets, *layout, row_weights)
+    copied = module.fused_experts(storage[:rows].clone(), offsets, *layout, row_weights)
+    assert torch.isfinite(in_place).all() and torch.equal(in_place, copied)
+    hidden = torch.randn(10, 64).bfloat16()
+    ids, weights = torch.randint(0, len(counts), (10, 2)), torch.rand(10, 2)
+    sorted_rows = module.moe_dispatch(hidden, ids, weights, len(counts))[0]
+    assert sorted_rows.untyped_storage().nbytes() >= (20 + 16) * 64 * 2
+
+
 def test_linear_repacks_a_weight_that_was_written_to():
     kernels()
     x = torch.randn(4, 32)

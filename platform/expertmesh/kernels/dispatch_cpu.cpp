@@ -81,7 +81,9 @@ std::vector<at::Tensor> moe_dispatch(at::Tensor hidden, at::Tensor expert_ids, a
     std::memcpy(sorted_weight_bytes + row * weight_size, weight_bytes + i * weight_size, weight_size);
   }
 
-  auto sorted = at::empty({n, hidden.size(1)}, hidden.options());
+  // 16 rows to spare after the last: the fused experts' tile jobs may read 15 rows past it
+  // (tiles::readable_rows), and take these rows as they are instead of a padded copy.
+  auto sorted = at::empty({n + 16, hidden.size(1)}, hidden.options()).narrow(0, 0, n);
   const int64_t row_bytes = hidden.size(1) * hidden.element_size();
   const auto* src = static_cast<const char*>(hidden.data_ptr());
   auto* dst = static_cast<char*>(sorted.data_ptr());

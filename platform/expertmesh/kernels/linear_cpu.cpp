@@ -209,7 +209,7 @@ at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tens
     TORCH_CHECK(kHasBf16Dot, "bf16 packed_linear needs a CPU with AVX512-BF16");
     const at::BFloat16* bias_ptr = bias_data<at::BFloat16>(bias, columns);
     if (tiles::available() && depth % tiles::kDepth == 0) {  // the same pairs, read by the tile unit
-      const at::Tensor padded = tiles::padded_rows(x);
+      const at::Tensor padded = tiles::readable_rows(x, rows % tiles::kRows != 0);
       tile_linear_bf16(padded.data_ptr<at::BFloat16>(), rows, depth, packed.data_ptr<at::BFloat16>(), columns, width,
                        bias_ptr, y.data_ptr<at::BFloat16>());
     } else {

@@ -341,8 +341,12 @@ at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_
   auto out = at::empty({rows, width}, x.options().dtype(at::kFloat));
   const float* weights = row_weights.data_ptr<float>();
   if (pairs && tiles::available() && width % tiles::kDepth == 0 && inter % tiles::kDepth == 0) {
-    // The same pairs, read by the tile unit; its jobs read whole 16-row tiles past the last rows.
-    const at::Tensor padded = tiles::padded_rows(x);
+    // The same pairs, read by the tile unit. Its jobs read whole 16-row tiles: past an expert's
+    // last row into the next expert's, and past the end after the last expert's.
+    int64_t last = 0;
+    for (size_t e = 1; e < bounds.size(); ++e)
+      if (bounds[e] > bounds[e - 1]) last = bounds[e] - bounds[e - 1];
+    const at::Tensor padded = tiles::readable_rows(x, last % tiles::kRows != 0);
     auto act = at::empty({rows + tiles::kJobRows, inter}, x.options());
     const Widths widths = widths_for(width, inter);
     tile_experts_bf16(padded.data_ptr<at::BFloat16>(), bounds, gate_up.data_ptr<at::BFloat16>(),

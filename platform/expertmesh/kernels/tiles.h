@@ -130,12 +130,21 @@ inline at::Tensor padded_rows(const at::Tensor& x) {
   return padded;
 }
 
+// x [rows, depth] bf16 (contiguous) as the tile kernels may read it. A job reads whole 16-row
+// tiles, so where its last tile is partial (`overreads`) it reads up to 15 rows past x's last.
+// x itself where it does not, or where x's storage holds those rows (moe_dispatch leaves them);
+// else padded_rows(x). A prefill step's linears (1024 rows) skip the copy.
+inline at::Tensor readable_rows(const at::Tensor& x, bool overreads) {
+  const int64_t spare = static_cast<int64_t>(x.storage().nbytes()) / x.element_size() - x.storage_offset() - x.numel();
+  return overreads && spare < (kRows - 1) * x.size(1) ? padded_rows(x) : x;
+}
+
 }  // namespace expertmesh::tiles
 
 namespace expertmesh {
 
 // bf16 on the tile unit (amx_bf16_cpu.cpp), for packed_linear and fused_experts to call where
-// tiles::available(); x and act must come from tiles::padded_rows (or have its 32 spare rows).
+// tiles::available(); x must come from tiles::readable_rows, act have 32 spare rows.
 //  - y [rows, columns] = x [rows, depth] . W + bias, W pair-packed as pack_linear does it
 //    ([N / width, K / 2, width, 2]), y rounded once to bf16;
 //  - the fused experts' two phases on pack_experts' pair layouts (see moe_cpu.cpp).
