@@ -45,11 +45,13 @@ def test_native_kernels_build_where_a_compiler_exists():
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden,inter", [(16, 16), (48, 32), (64, 48), (96, 64), (128, 96), (576, 544)])
-@pytest.mark.parametrize("counts", [[0, 1, 5, 6, 7, 13, 12, 2], [17, 0, 33, 64, 1, 40, 0, 31]])
+@pytest.mark.parametrize(
+    "counts", [[0, 1, 5, 6, 7, 13, 12, 2], [17, 0, 33, 64, 1, 40, 0, 31], [0, 270, 3, 33]]
+)
 def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype, packed, counts):
-    # Row counts 0..13 per expert cross the kernel's 6-row register tiles, 17..64 the tile
-    # unit's 16-row tiles and 32-row jobs (bf16, where the CPU has AMX); the sizes exercise 1,
-    # 2 and 4 vectors per column block, in the canonical and the packed layout.
+    # Row counts 0..13 per expert cross the kernel's 6-row register tiles, 17..270 the tile
+    # unit's 16-row tiles, 32-row blocks and 256-row jobs (bf16, where the CPU has AMX); the
+    # sizes exercise 1, 2 and 4 vectors per column block, in the canonical and the packed layout.
     module = kernels()
     gen = torch.Generator().manual_seed(hidden + inter)
     rows = sum(counts)

@@ -51,15 +51,16 @@ void product(const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t c
   tiles::store_outputs<RB, CB>(out, ldo);
 }
 
-// A job: up to 32 rows against a span of weight columns (one block of `width`, or several),
-// its 32-column (or 16-column) slices one after the other. Two slices share every cache line
+// A job: rows (up to 32, or an expert's up to kExpertJobRows, 32 at a time) against a span of
+// weight columns (one block of `width`, or several), its 32-column (or 16-column) slices one
+// after the other. Two slices share every cache line
 // of a block's input-pair rows, so one thread reads each line once; jobs go span-major, so a
 // thread's consecutive jobs read the same weights.
 struct Job {
   int64_t expert;  // whose weights (0 for a linear)
   int64_t first_row, rows, column, span;  // columns [column, column + span)
   bool alone;  // the only job on its weight block: its weights come from memory
-  bool leads;  // the first of the jobs on its blocks (its first 32 rows): they come from memory to it
+  bool leads;  // the first job on its blocks (their first rows): they come from memory to its first 32
 };
 
 // Where more than one job reads each weight block (more than 32 rows), a job takes the
@@ -68,19 +69,33 @@ struct Job {
 // block a job, 1.9 - 2.0 with 512 columns).
 constexpr int64_t kWideSpan = 512;
 
+// An expert's job takes up to this many of its rows, 32 at a time, so that the thread that
+// fetches a span of the expert's weights from memory also uses them from its own cache for the
+// next rows, while the other thread does the same with another expert's: prefill with experts
+// of about 128 rows 4 - 5 % faster than 32-row jobs, which pulled each span into both cores.
+constexpr int64_t kExpertJobRows = 256;
+
+// Jobs of up to `group` rows (in 32-row blocks) by spans of columns.
 void add_jobs(int64_t expert, int64_t first_row, int64_t rows, int64_t columns, int64_t width,
-              std::vector<Job>& jobs) {
+              std::vector<Job>& jobs, int64_t group = kJobRows) {
   const bool alone = rows <= kJobRows;
   const int64_t span = alone ? width : std::max(width, kWideSpan / width * width);
   for (int64_t c = 0; c < columns; c += span)
-    for (int64_t r = 0; r < rows; r += kJobRows)
-      jobs.push_back({expert, first_row + r, std::min(kJobRows, rows - r), c, std::min(span, columns - c), alone, r == 0});
+    for (int64_t r = 0; r < rows; r += group)
+      jobs.push_back({expert, first_row + r, std::min(group, rows - r), c, std::min(span, columns - c), alone, r == 0});
 }
 
-// out[m, c] for the job's rows and a slice of `slice` columns (16 or 32) at column `column`.
+// fn(block, column) for each block of up to 32 of the job's rows (a job of its own) and each
+// slice of `slice` columns (16 or 32) at `column`.
 template <typename F>
 void over_slices(const Job& job, int64_t slice, const F& fn) {
-  for (int64_t column = job.column; column < job.column + job.span; column += slice) fn(column);
+  for (int64_t r = 0; r < job.rows; r += kJobRows) {
+    Job block = job;
+    block.first_row += r;
+    block.rows = std::min(kJobRows, job.rows - r);
+    block.leads = job.leads && r == 0;
+    for (int64_t column = job.column; column < job.column + job.span; column += slice) fn(block, column);
+  }
 }
 
 int64_t slice_of(int64_t width) { return width >= kJobColumns ? kJobColumns : kColumns; }
@@ -106,8 +121,7 @@ void tile_linear_bf16(const at::BFloat16* x, int64_t rows, int64_t depth, const 
   const PairWeights w{packed, depth, width};
   const int64_t slice = slice_of(width);
   tiles::parallel_jobs(static_cast<int64_t>(jobs.size()), [&](int64_t j) {
-    const Job& job = jobs[j];
-    over_slices(job, slice, [&](int64_t column) {
+    over_slices(jobs[j], slice, [&](const Job& job, int64_t column) {
       alignas(64) float acc[kJobRows][kJobColumns];
       slice_product(job, x, depth, w, column, column + kColumns, slice > kColumns, acc);
       for (int64_t m = 0; m < job.rows; ++m)
@@ -128,16 +142,16 @@ void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offset
   std::vector<Job> up_jobs, down_jobs;
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
-    add_jobs(e, offsets[e], rows, inter, up_width, up_jobs);  // in intermediate columns: gate and up alike
-    add_jobs(e, offsets[e], rows, hidden, down_width, down_jobs);
+    add_jobs(e, offsets[e], rows, inter, up_width, up_jobs, kExpertJobRows);  // intermediate columns: gate and up alike
+    add_jobs(e, offsets[e], rows, hidden, down_width, down_jobs, kExpertJobRows);
   }
   tiles::parallel_jobs(static_cast<int64_t>(up_jobs.size()), [&](int64_t j) {
-    const Job& job = up_jobs[j];
+    const Job& whole = up_jobs[j];
     // gate_up [E, I / U, H / 2, 2, U, 2]: per input pair, U gate columns then their U up columns,
     // so as a pair-ordered weight it is blocks of 2U columns, intermediate column i's gate at
     // 2U (i / U) + i % U and its up U further.
-    const PairWeights w{gate_up + job.expert * hidden * 2 * inter, hidden, 2 * up_width};
-    over_slices(job, kColumns, [&](int64_t column) {
+    const PairWeights w{gate_up + whole.expert * hidden * 2 * inter, hidden, 2 * up_width};
+    over_slices(whole, kColumns, [&](const Job& job, int64_t column) {
       const int64_t gate = column / up_width * 2 * up_width + column % up_width;
       alignas(64) float acc[kJobRows][kJobColumns];  // per row: 16 gate values, then their 16 up values
       slice_product(job, x, hidden, w, gate, gate + up_width, true, acc);
@@ -147,9 +161,9 @@ void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offset
   });
   const int64_t slice = slice_of(down_width);
   tiles::parallel_jobs(static_cast<int64_t>(down_jobs.size()), [&](int64_t j) {
-    const Job& job = down_jobs[j];
-    const PairWeights w{down + job.expert * inter * hidden, inter, down_width};
-    over_slices(job, slice, [&](int64_t column) {
+    const Job& whole = down_jobs[j];
+    const PairWeights w{down + whole.expert * inter * hidden, inter, down_width};
+    over_slices(whole, slice, [&](const Job& job, int64_t column) {
       alignas(64) float acc[kJobRows][kJobColumns];
       slice_product(job, act, inter, w, column, column + kColumns, slice > kColumns, acc);
       for (int64_t m = 0; m < job.rows; ++m) {
