@@ -137,7 +137,8 @@ void tile_linear_bf16(const at::BFloat16* x, int64_t rows, int64_t depth, const 
 // are scaled by each row's routing weight.
 void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offsets, const at::BFloat16* gate_up,
                        const at::BFloat16* down, const float* row_weight, int64_t hidden, int64_t inter,
-                       int64_t up_width, int64_t down_width, at::BFloat16* act, float* out) {
+                       int64_t up_width, int64_t down_width, at::BFloat16* act, float* out,
+                       at::BFloat16* out_bf16) {
   const int64_t experts = static_cast<int64_t>(offsets.size()) - 1;
   std::vector<Job> up_jobs, down_jobs;
   for (int64_t e = 0; e < experts; ++e) {
@@ -168,8 +169,11 @@ void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offset
       slice_product(job, act, inter, w, column, column + kColumns, slice > kColumns, acc);
       for (int64_t m = 0; m < job.rows; ++m) {
         const v16 scale = broadcast(row_weight[job.first_row + m]);
-        for (int64_t c = 0; c < slice; c += kLanes)
-          store(out + (job.first_row + m) * hidden + column + c, load(&acc[m][c]) * scale);
+        const int64_t at = (job.first_row + m) * hidden + column;
+        for (int64_t c = 0; c < slice; c += kLanes) {
+          if (out_bf16) store(out_bf16 + at + c, load(&acc[m][c]) * scale);
+          else store(out + at + c, load(&acc[m][c]) * scale);
+        }
       }
     });
   });
@@ -181,7 +185,7 @@ void tile_linear_bf16(const at::BFloat16*, int64_t, int64_t, const at::BFloat16*
   TORCH_CHECK(false, "bf16 tile kernels need a CPU with AMX-BF16 (this build has none)");
 }
 void tile_experts_bf16(const at::BFloat16*, const std::vector<int64_t>&, const at::BFloat16*, const at::BFloat16*,
-                       const float*, int64_t, int64_t, int64_t, int64_t, at::BFloat16*, float*) {
+                       const float*, int64_t, int64_t, int64_t, int64_t, at::BFloat16*, float*, at::BFloat16*) {
   TORCH_CHECK(false, "bf16 tile kernels need a CPU with AMX-BF16 (this build has none)");
 }
 #endif

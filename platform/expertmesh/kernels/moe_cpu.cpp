@@ -291,7 +291,8 @@ std::vector<at::Tensor> pack_experts(at::Tensor gate_up, at::Tensor down) {
 // hidden [R, H] fp32 or bf16, rows sorted by expert; offsets [E + 1] int64 (expert e owns
 // rows offsets[e]..offsets[e+1]); gate_up [E, H, 2I] and down [E, I, H] (or both as
 // pack_experts returns them), both fp32 or both bf16; row_weights [R] fp32. Returns the
-// weighted expert outputs [R, H] fp32 in row order. On pair-packed weights the rows and the
+// weighted expert outputs [R, H] in row order, in hidden's dtype (summed in fp32, rounded
+// once). On pair-packed weights the rows and the
 // SwiGLU activations are bf16 (as torch's bf16 matmuls take them); otherwise fp32.
 at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_up, at::Tensor down,
                          at::Tensor row_weights) {
@@ -338,9 +339,11 @@ at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_
   TORCH_CHECK(bounds.front() == 0 && bounds.back() == rows, "offsets must span all rows");
 
   auto x = hidden.to(pairs ? at::kBFloat16 : at::kFloat).contiguous();
-  auto out = at::empty({rows, width}, x.options().dtype(at::kFloat));
   const float* weights = row_weights.data_ptr<float>();
   if (pairs && tiles::available() && width % tiles::kDepth == 0 && inter % tiles::kDepth == 0) {
+    // Outputs in hidden's dtype, bf16 stored straight from the tiles (no fp32 copy to convert).
+    auto out = at::empty({rows, width}, hidden.options());
+    const bool to_bf16 = hidden.scalar_type() == at::kBFloat16;
     // The same pairs, read by the tile unit. Its jobs read whole 16-row tiles: past an expert's
     // last row into the next expert's, and past the end after the last expert's.
     int64_t last = 0;
@@ -351,9 +354,11 @@ at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_
     const Widths widths = widths_for(width, inter);
     tile_experts_bf16(padded.data_ptr<at::BFloat16>(), bounds, gate_up.data_ptr<at::BFloat16>(),
                       down.data_ptr<at::BFloat16>(), weights, width, inter, widths.up * kLanes, widths.down * kLanes,
-                      act.data_ptr<at::BFloat16>(), out.data_ptr<float>());
+                      act.data_ptr<at::BFloat16>(), to_bf16 ? nullptr : out.data_ptr<float>(),
+                      to_bf16 ? out.data_ptr<at::BFloat16>() : nullptr);
     return out;
   }
+  auto out = at::empty({rows, width}, x.options().dtype(at::kFloat));
   auto act = at::empty({rows, inter}, x.options());
   if (pairs) {
 #if defined(__AVX512BF16__)
@@ -369,7 +374,7 @@ at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_
                                            down.data_ptr<at::BFloat16>(), packed, weights, width, inter,
                                            act.data_ptr<float>(), out.data_ptr<float>());
   }
-  return out;
+  return out.to(hidden.scalar_type());
 }
 
 }  // namespace expertmesh

@@ -147,11 +147,13 @@ namespace expertmesh {
 // tiles::available(); x must come from tiles::readable_rows, act have 32 spare rows.
 //  - y [rows, columns] = x [rows, depth] . W + bias, W pair-packed as pack_linear does it
 //    ([N / width, K / 2, width, 2]), y rounded once to bf16;
-//  - the fused experts' two phases on pack_experts' pair layouts (see moe_cpu.cpp).
+//  - the fused experts' two phases on pack_experts' pair layouts (see moe_cpu.cpp), the
+//    outputs stored to out_bf16 (rounded once) where it is given, else to out.
 void tile_linear_bf16(const at::BFloat16* x, int64_t rows, int64_t depth, const at::BFloat16* packed,
                       int64_t columns, int64_t width, const at::BFloat16* bias, at::BFloat16* y);
 void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offsets, const at::BFloat16* gate_up,
                        const at::BFloat16* down, const float* row_weight, int64_t hidden, int64_t inter,
-                       int64_t up_width, int64_t down_width, at::BFloat16* act, float* out);
+                       int64_t up_width, int64_t down_width, at::BFloat16* act, float* out,
+                       at::BFloat16* out_bf16);
 
 }  // namespace expertmesh
