@@ -120,29 +120,40 @@ def test_prefill_sized_fp32_batches_take_the_fused_kernel_and_match_matmuls(monk
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "cache_dtype,q_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)],
+)
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 64), (6, 3, 32), (4, 2, 128), (2, 1, 256)])
-def test_decode_attention_matches_softmax_over_the_gathered_context(heads, kv_heads, dim, cache_dtype):
+def test_decode_attention_matches_softmax_over_the_gathered_context(
+    heads, kv_heads, dim, cache_dtype, q_dtype
+):
+    # bf16 q with a bf16 cache is a bf16 model's case: its own path on the bf16 dot product
+    # (lengths past 16 (position, head) pairs, and not a multiple of them, for its reductions)
     module = kernels()
     gen = torch.Generator().manual_seed(heads * dim)
-    lengths = torch.tensor([1, 7, 33, 20])
+    lengths = torch.tensor([1, 7, 33, 20, 3])
     width, num_slots = int(lengths.max()), 200
     k_cache = torch.randn(num_slots, kv_heads, dim, generator=gen).to(cache_dtype)
     v_cache = torch.randn(num_slots, kv_heads, dim, generator=gen).to(cache_dtype)
     slots = torch.stack(
         [torch.randperm(num_slots, generator=gen)[:width] for _ in lengths]
     )  # scattered blocks
-    q = torch.randn(len(lengths), heads, dim, generator=gen)
+    q = torch.randn(len(lengths), heads, dim, generator=gen).to(q_dtype)
     scale = dim**-0.5
     got = module.decode_attention(q, k_cache, v_cache, slots, lengths, scale)
+    assert got.dtype == q_dtype
     group = heads // kv_heads
     for i, n in enumerate(lengths.tolist()):
         context = slots[i, :n]  # padding past the length must be ignored
         for h in range(heads):
             keys = k_cache[context, h // group].float()
             values = v_cache[context, h // group].float()
-            want = torch.softmax(keys @ q[i, h] * scale, dim=0) @ values
-            torch.testing.assert_close(got[i, h], want, atol=1e-5, rtol=1e-4)
+            want = torch.softmax(keys @ q[i, h].float() * scale, dim=0) @ values
+            if q_dtype == torch.bfloat16:  # rounded once, at the end: within one bf16 step
+                torch.testing.assert_close(got[i, h].float(), want.bfloat16().float(), atol=1e-5, rtol=2**-7)
+            else:
+                torch.testing.assert_close(got[i, h], want, atol=1e-5, rtol=1e-4)
 
 
 def test_decode_attention_rejects_a_length_beyond_its_slots():

@@ -138,10 +138,9 @@ class Attention(nn.Module):
         # "query length" axis, so no K/V head is ever repeated in memory.
         kernels = native_kernels()
         if kernels is not None and batch.decode_lengths is not None and self.head_dim % 16 == 0:
-            out = kernels.decode_attention(
-                q.float().contiguous(), cache.k, cache.v, batch.decode_slots, batch.decode_lengths, self.scale
+            return kernels.decode_attention(
+                q.contiguous(), cache.k, cache.v, batch.decode_slots, batch.decode_lengths, self.scale
             )
-            return out.to(q.dtype)
         n = q.shape[0]
         group = self.num_heads // self.num_kv_heads
         keys = cache.gather(cache.k, batch.decode_slots).transpose(1, 2)  # [n, kv_heads, L, d]
