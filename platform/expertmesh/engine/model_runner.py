@@ -49,19 +49,32 @@ class ModelRunner:
         decodes = plan.decodes
         decode_slots = lengths = None
         if decodes:
-            lengths = torch.tensor([s.num_computed_tokens + 1 for s in decodes])
-            width = int(lengths.max())
-            table = torch.zeros(len(decodes), -(-width // self.block_size), dtype=torch.long)
-            for row, seq in enumerate(decodes):
-                table[row, : len(seq.blocks)] = torch.tensor(seq.blocks[: table.shape[1]])
-                token_ids.append(seq.token_at(seq.num_computed_tokens))
-            offsets = torch.arange(self.block_size)
-            decode_slots = (
-                (table.unsqueeze(-1) * self.block_size + offsets).flatten(1)[:, :width].contiguous()
+            # Built as Python lists, each turned into a tensor once: a tensor op per sequence
+            # cost about 0.4 ms a decode step at 32 sequences.
+            block_size = self.block_size
+            last = [s.num_computed_tokens for s in decodes]  # the position each one decodes
+            width = max(last) + 1
+            num_blocks = -(-width // block_size)
+            table = torch.tensor(
+                [s.blocks[:num_blocks] + [0] * (num_blocks - len(s.blocks)) for s in decodes],
+                dtype=torch.long,
             )
-            last = lengths - 1
-            positions.append(last)
-            slot_parts.append(decode_slots[torch.arange(len(decodes)), last])
+            decode_slots = (
+                (table.unsqueeze(-1) * block_size + torch.arange(block_size))
+                .flatten(1)[:, :width]
+                .contiguous()
+            )
+            lengths = torch.tensor(last) + 1
+            token_ids.extend(s.token_at(p) for s, p in zip(decodes, last, strict=True))
+            positions.append(torch.tensor(last))
+            slot_parts.append(
+                torch.tensor(
+                    [
+                        s.blocks[p // block_size] * block_size + p % block_size
+                        for s, p in zip(decodes, last, strict=True)
+                    ]
+                )
+            )
             sampled.extend(decodes)
             sample_rows.extend(range(len(decodes)))
 
