@@ -110,6 +110,8 @@ class Attention(nn.Module):
             if cache is not None:
                 cache.write(batch.slot_mapping, k, v)
 
+        if not batch.prefills:  # decode only: the kernel's output is the whole batch's
+            return self.o_proj(self._decode(q, batch, cache).reshape(num_tokens, self.q_size))
         out = torch.empty_like(q)
         if batch.num_decode:
             out[: batch.num_decode] = self._decode(q[: batch.num_decode], batch, cache)

@@ -196,9 +196,9 @@ class GatedMLP(nn.Module):
             out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
             return out if row_weights is None else out * row_weights
         rows = x.shape[0]
-        weights = torch.ones(rows) if row_weights is None else row_weights.float().reshape(rows).contiguous()
-        out = native_kernels().fused_experts(x.contiguous(), torch.tensor([0, rows]), *layout, weights)
-        return out.to(x.dtype)
+        weights = torch.ones(rows) if row_weights is None else row_weights.reshape(rows).float().contiguous()
+        # in x's dtype already
+        return native_kernels().fused_experts(x.contiguous(), torch.tensor([0, rows]), *layout, weights)
 
     def fused_layout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The weights as one expert in pack_experts' layout, where the fused kernel runs bf16
