@@ -53,6 +53,7 @@ from ray import serve
 
 from expertmesh import LLM, SamplingParams
 from expertmesh.config import ServeConfig
+from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.llm_engine import load_tokenizer
 from expertmesh.model.checkpoint_maker import make_checkpoint
 from expertmesh.model.experts import ColocatedExpertBackend, ExpertBatch, ExpertPartition
@@ -96,7 +97,8 @@ def free_port() -> int:
 
 
 def run_in_process(prompts: list[list[int]]) -> tuple[float, float]:
-    llm = LLM(CHECKPOINT, "float32", show_progress=False)
+    # the engine settings the served model gets (the serving defaults), not the offline API's
+    llm = LLM(CHECKPOINT, "float32", show_progress=False, **EngineConfig().model_dump())
     model = llm.engine.model
     moe = model.config.moe
     counting = CountingBackend(

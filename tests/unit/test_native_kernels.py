@@ -221,11 +221,12 @@ def tile_kernels():
     return module
 
 
-@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 70, 1024 + 2048 + 17])
 @pytest.mark.parametrize("out_features,in_features", [(16, 32), (48, 64), (64, 512), (208, 1536)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_tile_linear_has_fp32s_accuracy(rows, out_features, in_features, with_bias):
-    # Rows across the 16-row tiles and 2-tile jobs; out-features that leave a lone 16-column block.
+    # Rows across the 16-row tiles and 2-tile jobs, and past the 1024-row chunks x is split in
+    # (the last one partial); out-features that leave a lone 16-column block.
     # The bound is fp32's own for a K-term dot product, K * 2^-24 * sum |x w|; dropping the lo.mid
     # products (bf16x3, about 2^-16 each) breaks it, and so does any mislaid tile.
     module = tile_kernels()

@@ -14,6 +14,7 @@ from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
 
 PromptInput = str | list[int] | dict[str, Any]
+OFFLINE_BATCHED_TOKENS = 4096
 
 
 def _progress() -> Progress:
@@ -36,6 +37,12 @@ class LLM:
         show_progress: bool = True,
         **engine_args: Any,
     ):
+        # Offline, a step takes up to 4096 tokens by default, as vLLM's `LLM` does on CPU: a
+        # batch of prompts is read in fewer steps (the serving default stays lower, for the
+        # running streams' latency). bf16 workload of bench/engine.py: 2.06 s against 2.20.
+        engine_args.setdefault(
+            "max_num_batched_tokens", max(OFFLINE_BATCHED_TOKENS, engine_args.get("max_num_seqs", 0))
+        )
         config = EngineConfig(**engine_args)
         if show_progress:
             with _progress() as bar:
