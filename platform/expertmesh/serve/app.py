@@ -7,13 +7,15 @@ each model revision is an application of its own with its engine and expert pool
 from __future__ import annotations
 
 import copy
+import time
 
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.config import gRPCOptions
-from ray.serve.schema import ServeDeploySchema
+from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from expertmesh.config import ConfigError, RevisionSpec, ServeConfig, traffic_table
+from expertmesh.errors import ExpertMeshError
 from expertmesh.serve.deployments import Engine, ExpertGroup, Router, partition_for
 from expertmesh.serve.names import (
     ROUTER_APP,
@@ -150,9 +152,41 @@ def platform_config(serve_config_v2: dict, what: str = "serveConfigV2") -> Serve
     return ServeConfig.parse(raw, what)
 
 
-def deploy(config: ServeConfig, blocking: bool = True) -> None:
-    """Apply the declarative config to the running Serve instance, as `serve deploy` would."""
+# How long `deploy` waits for the applications to run. Serve's own blocking deploy gives up
+# after 60 s, which 16 expert-pool replicas starting on 2 shared cores can take.
+DEPLOY_TIMEOUT_S = 600.0
+
+
+def deploy(config: ServeConfig, blocking: bool = True, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
+    """Apply the declarative config to the running Serve instance, as `serve deploy` would;
+    `blocking`: return once every application runs (or raise if one fails, or at the timeout)."""
     from ray.serve.context import _get_global_client
 
     schema = ServeDeploySchema.model_validate(serve_deploy_config(config))
-    _get_global_client().deploy_apps(schema, _blocking=blocking)
+    client = _get_global_client()
+    client.deploy_apps(schema, _blocking=False)
+    if not blocking:
+        return
+    names = {app.name for app in schema.applications}
+    start = time.monotonic()
+    while (state := deploy_state(names, serve.status().applications)) != "running":
+        if state.startswith("failed") or time.monotonic() - start > timeout_s:
+            raise ExpertMeshError(
+                f"Serve applications not running after {time.monotonic() - start:.0f} s: {state}"
+            )
+        time.sleep(0.2)
+    client.wait_for_proxies_serving(wait_for_applications_running=True)
+
+
+def deploy_state(names: set[str], applications: dict) -> str:
+    """'running' when every named application runs; 'failed: ...' when one failed to deploy;
+    else 'waiting: ...' with each one's status (pure: `applications` as serve.status() has them)."""
+    statuses = {name: applications[name] for name in sorted(names) if name in applications}
+    failed = [f"{n}: {a.message}" for n, a in statuses.items() if a.status == ApplicationStatus.DEPLOY_FAILED]
+    if failed:
+        return "failed: " + "; ".join(failed)
+    if len(statuses) == len(names) and all(a.status == ApplicationStatus.RUNNING for a in statuses.values()):
+        return "running"
+    return "waiting: " + ", ".join(
+        f"{n} {statuses[n].status.value if n in statuses else 'not yet listed'}" for n in sorted(names)
+    )
