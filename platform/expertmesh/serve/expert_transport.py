@@ -99,8 +99,8 @@ class ExpertGroupServer:
                     "error": f"{type(exc).__name__}: {exc}",
                 }
                 reply = [identity, json.dumps(error).encode(), b""]
+            self.requests_served += 1  # before the reply: a client that has it may read the count
             self._socket.send_multipart(reply, copy=False)
-            self.requests_served += 1
         self._socket.close(linger=0)
 
     def handle(self, header: ExpertRequestHeader, hidden: zmq.Frame, weights: zmq.Frame) -> torch.Tensor:
