@@ -64,9 +64,10 @@ class ModelRunner:
                 .flatten(1)[:, :width]
                 .contiguous()
             )
-            lengths = torch.tensor(last) + 1
+            last_positions = torch.tensor(last)
+            lengths = last_positions + 1
             token_ids.extend(s.token_at(p) for s, p in zip(decodes, last, strict=True))
-            positions.append(torch.tensor(last))
+            positions.append(last_positions)
             slot_parts.append(
                 torch.tensor(
                     [

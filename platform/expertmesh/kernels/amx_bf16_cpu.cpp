@@ -29,21 +29,23 @@ struct PairWeights {
   int64_t stride() const { return 4 * width; }  // bytes from one input pair to the next
 };
 
+// Ask for the whole rows of the 16 input pairs after step k of the block holding `column`
+// (every column of it): one contiguous run, a 4 KB page for a 32-column block, which the
+// hardware prefetchers do not run into. Always inlined, as `prefetch` is (see simd.h).
+__attribute__((always_inline)) inline void prefetch_next_step(const PairWeights& w, int64_t column, int64_t k) {
+  if (k + kDepth < w.depth) prefetch(w.tile(column - column % w.width, k + kDepth), kDepth / 2 * w.stride());
+}
+
 // out (fp32, rows `ldo` apart, 2 x 2 tiles) = x rows (bf16, `ldx` apart) . w, over all of depth.
 template <int RB, int CB>
 void product(const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t column, int64_t next_column,
              bool from_memory, float* out, int64_t ldo) {
   tiles::zero_outputs<RB, CB>();
   for (int64_t k = 0; k < w.depth; k += kDepth) {
-    // Weights read by this job alone (decode sizes) come from memory: ask for the next 16 input
-    // pairs' whole rows (every column of the block), one 4 KB page for a 32-column block, which
-    // the hardware prefetchers do not run into (bf16 experts at 4 rows each: 16 GB/s without,
-    // 18-19 with). Where several jobs share a block, they find it in cache.
-    if (from_memory && k + kDepth < w.depth) {
-      const char* row = reinterpret_cast<const char*>(w.tile(column - column % w.width, k + kDepth));
-      for (int r = 0; r < kDepth / 2; ++r, row += w.stride())
-        for (int64_t line = 0; line < w.stride(); line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
-    }
+    // Weights read by this job alone (decode sizes) come from memory: ask for the next step's
+    // ahead (bf16 experts at 4 rows each: 16 GB/s without, 18-19 with). Where several jobs share
+    // a block, they find it in cache.
+    if (from_memory) prefetch_next_step(w, column, k);
     tiles::load_x<RB>(x + k, kRows * ldx, ldx * 2);
     tiles::load_w<CB>(w.tile(column, k), w.tile(next_column, k) - w.tile(column, k), w.stride());
     tiles::multiply<RB, CB>();
@@ -60,13 +62,8 @@ void product(const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t c
 void block_product(const at::BFloat16* x, int64_t ldx, const PairWeights& w, int64_t block_column, float* out,
                    int64_t ldo) {
   tiles::zero_outputs<2, 2>();
-  const char* block = reinterpret_cast<const char*>(w.tile(block_column, 0));
-  const int64_t page = kDepth / 2 * w.stride();  // the 16 input pairs of one step: 4 KB
   for (int64_t k = 0; k < w.depth; k += kDepth) {
-    if (k + kDepth < w.depth) {
-      const char* next = block + (k / kDepth + 1) * page;
-      for (int64_t line = 0; line < page; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
-    }
+    prefetch_next_step(w, block_column, k);
     _tile_loadd(4, x + k, ldx * 2);
     _tile_loadd(6, w.tile(block_column, k), w.stride());
     _tile_loadd(7, w.tile(block_column + kColumns, k), w.stride());
@@ -180,6 +177,25 @@ void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offset
     add_jobs(e, offsets[e], rows, inter, up_width, up_jobs, kExpertJobRows);  // intermediate columns: gate and up alike
     add_jobs(e, offsets[e], rows, hidden, down_width, down_jobs, kExpertJobRows);
   }
+  // act rows [first, first + rows), intermediate columns [column, column + width) = silu(gate) * up,
+  // from fp32 rows `ld` apart holding `width` gate values and then their `width` up values.
+  auto store_act = [&](int64_t first, int64_t rows, int64_t column, int64_t width, const float* acc, int64_t ld) {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t c = 0; c < width; c += kLanes)
+        store(act + (first + m) * inter + column + c, silu(load(acc + m * ld + c)) * load(acc + m * ld + width + c));
+  };
+  // The down products of rows [first, first + rows), output columns [column, column + width), scaled
+  // by each row's routing weight into out_bf16 (rounded once) or out.
+  auto store_out = [&](int64_t first, int64_t rows, int64_t column, int64_t width, const float* acc, int64_t ld) {
+    for (int64_t m = 0; m < rows; ++m) {
+      const v16 scale = broadcast(row_weight[first + m]);
+      const int64_t at = (first + m) * hidden + column;
+      for (int64_t c = 0; c < width; c += kLanes) {
+        if (out_bf16) store(out_bf16 + at + c, load(acc + m * ld + c) * scale);
+        else store(out + at + c, load(acc + m * ld + c) * scale);
+      }
+    }
+  };
   tiles::parallel_jobs(static_cast<int64_t>(up_jobs.size()), [&](int64_t j) {
     const Job& whole = up_jobs[j];
     // gate_up [E, I / U, H / 2, 2, U, 2]: per input pair, U gate columns then their U up columns,
@@ -189,18 +205,14 @@ void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offset
     if (whole.rows <= kRows && whole.span == up_width && 2 * up_width == kBlockColumns) {  // one walk: gate, up of 2 x 16 columns
       alignas(64) float acc[kRows][kBlockColumns];  // per row: 32 gate values, then their 32 up values
       block_product(x + whole.first_row * hidden, hidden, w, 2 * whole.column, &acc[0][0], kBlockColumns);
-      for (int64_t m = 0; m < whole.rows; ++m)
-        for (int64_t c = 0; c < up_width; c += kLanes)
-          store(act + (whole.first_row + m) * inter + whole.column + c,
-                silu(load(&acc[m][c])) * load(&acc[m][up_width + c]));
+      store_act(whole.first_row, whole.rows, whole.column, up_width, &acc[0][0], kBlockColumns);
       return;
     }
     over_slices(whole, kColumns, [&](const Job& job, int64_t column) {
       const int64_t gate = column / up_width * 2 * up_width + column % up_width;
       alignas(64) float acc[kJobRows][kJobColumns];  // per row: 16 gate values, then their 16 up values
       slice_product(job, x, hidden, w, gate, gate + up_width, true, acc);
-      for (int64_t m = 0; m < job.rows; ++m)
-        store(act + (job.first_row + m) * inter + column, silu(load(&acc[m][0])) * load(&acc[m][kColumns]));
+      store_act(job.first_row, job.rows, column, kColumns, &acc[0][0], kJobColumns);
     });
   });
   const int64_t slice = slice_of(down_width);
@@ -210,27 +222,13 @@ void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offset
     if (whole.rows <= kRows && whole.span == down_width && down_width == kBlockColumns) {  // one walk down the block
       alignas(64) float acc[kRows][kBlockColumns];
       block_product(act + whole.first_row * inter, inter, w, whole.column, &acc[0][0], kBlockColumns);
-      for (int64_t m = 0; m < whole.rows; ++m) {
-        const v16 scale = broadcast(row_weight[whole.first_row + m]);
-        const int64_t at = (whole.first_row + m) * hidden + whole.column;
-        for (int64_t c = 0; c < kBlockColumns; c += kLanes) {
-          if (out_bf16) store(out_bf16 + at + c, load(&acc[m][c]) * scale);
-          else store(out + at + c, load(&acc[m][c]) * scale);
-        }
-      }
+      store_out(whole.first_row, whole.rows, whole.column, kBlockColumns, &acc[0][0], kBlockColumns);
       return;
     }
     over_slices(whole, slice, [&](const Job& job, int64_t column) {
       alignas(64) float acc[kJobRows][kJobColumns];
       slice_product(job, act, inter, w, column, column + kColumns, slice > kColumns, acc);
-      for (int64_t m = 0; m < job.rows; ++m) {
-        const v16 scale = broadcast(row_weight[job.first_row + m]);
-        const int64_t at = (job.first_row + m) * hidden + column;
-        for (int64_t c = 0; c < slice; c += kLanes) {
-          if (out_bf16) store(out_bf16 + at + c, load(&acc[m][c]) * scale);
-          else store(out + at + c, load(&acc[m][c]) * scale);
-        }
-      }
+      store_out(job.first_row, job.rows, column, slice, &acc[0][0], kJobColumns);
     });
   });
 }

@@ -188,10 +188,9 @@ def apply_experts(weights: ExpertWeights, batch: ExpertBatch) -> torch.Tensor:
     fused = native_kernels()
     if fused is not None and _fits_fused(weights) and widest <= _fused_max_rows(weights.gate_up.dtype, fused):
         offsets = torch.tensor([0, *itertools.accumulate(batch.counts)])
-        row_weights = batch.weights if batch.weights.dtype == torch.float32 else batch.weights.float()
         # in hidden's dtype already
         return fused.fused_experts(
-            hidden.contiguous(), offsets, *weights.kernel_layout(fused), row_weights.contiguous()
+            hidden.contiguous(), offsets, *weights.kernel_layout(fused), batch.weights.float().contiguous()
         )
     active = sum(1 for c in batch.counts if c)
     if 4 * active >= 3 * len(batch.counts) and widest <= _BATCHED_MAX_ROWS_PER_EXPERT:
