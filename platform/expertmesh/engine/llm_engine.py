@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from expertmesh.engine.allocator import retain_freed_memory
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.detokenizer import Detokenizer, find_stop, stop_holdback
 from expertmesh.engine.kv_cache import BlockAllocator, KVCache
@@ -80,6 +81,7 @@ class LLMEngine:
     ):
         self.config = config or EngineConfig()
         self.model = model
+        retain_freed_memory()  # steps reuse freed activations instead of faulting in fresh pages
         cfg = model.config
         self.max_model_len = context_length(self.config, cfg)
         dtype = model.embed_tokens.weight.dtype

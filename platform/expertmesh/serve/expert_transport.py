@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
+from expertmesh.engine.allocator import retain_freed_memory
 from expertmesh.model.experts import ExpertBatch, ExpertWeights, apply_experts, pack_expert_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -64,6 +65,7 @@ class ExpertGroupServer:
     def __init__(self, weights: dict[int, ExpertWeights], host: str = "127.0.0.1", port: int = 0):
         self.weights = weights
         pack_expert_weights(weights.values())
+        retain_freed_memory()  # each request's rows reuse freed memory, no fresh page faults
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
