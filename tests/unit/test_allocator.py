@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from expertmesh.engine.allocator import DISABLE_ENV
+
 PROBE = """
 import json, resource, torch
 from expertmesh.engine.allocator import retain_freed_memory
@@ -28,7 +30,7 @@ PAGES = 64 * 2**20 // 4096
 
 
 def probe(retain: str) -> dict:
-    env = os.environ | {"EXPERTMESH_RETAIN_FREED_MEMORY": retain}
+    env = os.environ | {DISABLE_ENV: retain}
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
