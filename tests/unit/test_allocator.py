@@ -1,5 +1,5 @@
-"""retain_freed_memory: a big block freed and allocated again (eight times) costs no fresh
-page faults once malloc's free lists have settled.
+"""retain_freed_memory: a big block freed and allocated again costs no fresh page faults
+once malloc's free lists have settled.
 
 Each case runs in a process of its own: the setting is process-wide and cannot be undone.
 """
@@ -23,8 +23,9 @@ def faults_of_a_fresh_block():
     block.fill_(1.0)  # touch every page
     del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+ROUNDS = 16
 faults_of_a_fresh_block()
-print(json.dumps({"took": took, "faults": [faults_of_a_fresh_block() for _ in range(8)]}))
+print(json.dumps({"took": took, "faults": [faults_of_a_fresh_block() for _ in range(ROUNDS)]}))
 """
 PAGES = 64 * 2**20 // 4096
 
@@ -40,8 +41,10 @@ def probe(retain: str) -> dict:
 def test_a_freed_block_is_reused_without_page_faults():
     retained = probe("1")
     assert retained["took"] is True
-    # malloc may place the block anew once while its free lists settle; after that, never
-    assert sum(retained["faults"]) < 1.5 * PAGES, retained
+    # While the free lists settle, a small chunk placed after the freed block can leave a
+    # hole too small for the next (aligned) block, which then takes fresh pages: once here,
+    # three times on CI. Settled, the second half of the rounds faults no block in anew.
+    assert max(retained["faults"][8:]) < PAGES // 16, retained
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
