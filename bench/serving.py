@@ -2,9 +2,14 @@
 
 Workload: the `small` pangu_pro_moe checkpoint (MoGE, 8 groups), 16 prompts of random
 tokens (64 random ids decoded to text, and that text's ids: 65-76 tokens), 32 new tokens
-each, greedy, EOS ignored, all requests at once. Every path runs the workload once
-untimed (warm-up), then TIMED_RUNS times timed; the median rate counts (one
-2-second run swings by 10-20 % on this shared 2-core machine).
+each, greedy, EOS ignored, all requests at once.
+
+Paired rounds: this shared 2-core machine drifts by 20-30 % over tens of seconds, so two
+blocks timed a minute apart compare the machine, not the paths. Every path runs the
+workload once untimed (warm-up); then each of PAIRED_ROUNDS rounds times the in-process
+engine once and right after it each served path once, and a ratio is the median over
+rounds of path/in-process. The in-process engine in the rounds runs beside Ray's idle
+processes (about 0.1 of the 2 cores); its rate before Ray starts is printed too.
 
 - `served/in-process`: the workload as KServe ModelInfer calls over gRPC (grpcio
   stubs from the KServe proto) through Ray Serve's proxy (proxy -> router -> engine), against
@@ -14,7 +19,9 @@ untimed (warm-up), then TIMED_RUNS times timed; the median rate counts (one
   costs the proxy, router and client CPU that the engine then lacks.
 - `served-http/in-process`: the same over the OpenAI HTTP API (non-streaming).
 - `disaggregated/colocated`: served with one Serve pool per expert group
-  (ZeroMQ data path) against served with experts inside the engine.
+  (ZeroMQ data path) against served with experts inside the engine, both over HTTP:
+  (disaggregated/in-process) / (served-http/in-process), each from its own paired rounds
+  (each model is deployed alone, so they cannot share a round).
 - `moge-group-imbalance`: max/mean of the rows each expert group received over
   the in-process run (MoGE makes it exactly 1).
 - `pool-replica-imbalance`: disaggregated with 2 replicas per expert pool, under
@@ -70,7 +77,8 @@ from expertmesh.serve.metrics import (
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "pangu_pro_moe-small"
 NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = 16, 64, 32
-TIMED_RUNS = 3  # per path; the median counts
+TIMED_RUNS = 3  # per path when timed alone; the median counts
+PAIRED_ROUNDS = 5  # rounds of in-process then each served path; the median ratio counts
 # pool-replica-imbalance: replicas per expert pool, closed-loop clients, seconds before and of the window
 POOL_REPLICAS, POOL_CLIENTS, POOL_WARMUP_S, POOL_WINDOW_S = 2, 8, 5.0, 20.0
 GUIDELLM = ROOT / ".peers" / "guidellm" / "bin" / "guidellm"
@@ -96,42 +104,81 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_in_process(prompts: list[list[int]]) -> tuple[float, float]:
-    # the engine settings the served model gets (the serving defaults), not the offline API's
-    llm = LLM(CHECKPOINT, "float32", show_progress=False, **EngineConfig().model_dump())
-    model = llm.engine.model
-    moe = model.config.moe
-    counting = CountingBackend(
-        model.moe_blocks[0].backend, ExpertPartition(moe.num_experts, moe.num_routing_groups)
-    )
-    model.set_expert_backend(counting)
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-    llm.generate(
-        prompts, params, use_tqdm=False
-    )  # warm-up: the same workload, untimed, as for the served runs
-    counting.rows_per_group = [0] * len(counting.rows_per_group)
-    rates = []
-    for _ in range(TIMED_RUNS):
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        rates.append(sum(o.num_output_tokens for o in outs) / (time.perf_counter() - start))
-    rows = counting.rows_per_group
-    return statistics.median(rates), max(rows) / (sum(rows) / len(rows))
+class InProcessEngine:
+    """The in-process `LLM` with the engine settings the served model gets (the serving defaults,
+    not the offline API's), counting rows per expert group; warmed up on the workload."""
+
+    def __init__(self, prompts: list[list[int]]):
+        self.llm = LLM(CHECKPOINT, "float32", show_progress=False, **EngineConfig().model_dump())
+        model = self.llm.engine.model
+        moe = model.config.moe
+        self.counting = CountingBackend(
+            model.moe_blocks[0].backend, ExpertPartition(moe.num_experts, moe.num_routing_groups)
+        )
+        model.set_expert_backend(self.counting)
+        self.prompts = prompts
+        self.params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+        self.llm.generate(prompts, self.params, use_tqdm=False)  # warm-up, as for the served paths
+        self.counting.rows_per_group = [0] * len(self.counting.rows_per_group)
+
+    def rate(self, runs: int = 1) -> float:
+        """Output tokens/s of the workload: the median of `runs` timed runs."""
+        rates = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            outs = self.llm.generate(self.prompts, self.params, use_tqdm=False)
+            rates.append(sum(o.num_output_tokens for o in outs) / (time.perf_counter() - start))
+        return statistics.median(rates)
+
+    def group_imbalance(self) -> float:
+        """max/mean of the rows each expert group received over the timed runs."""
+        rows = self.counting.rows_per_group
+        return max(rows) / (sum(rows) / len(rows))
 
 
-async def warm_then_time(one, items: list) -> float:
+def paired_rounds(baseline: InProcessEngine, paths: dict) -> dict[str, list[float]]:
+    """Each path's warm-up (`path(runs=0)`), then PAIRED_ROUNDS rounds of: the in-process engine
+    once, each path once right after it. Returns {"in-process" | path name: [rate per round]}."""
+    for path in paths.values():
+        path(runs=0)
+    table: dict[str, list[float]] = {"in-process": [], **{name: [] for name in paths}}
+    for _ in range(PAIRED_ROUNDS):
+        table["in-process"].append(baseline.rate())
+        for name, path in paths.items():
+            table[name].append(path(runs=1, warm=False))
+    return table
+
+
+def paired_ratio(table: dict[str, list[float]], name: str) -> float:
+    """The median over rounds of path/in-process, each round's pair timed back to back."""
+    return statistics.median(p / b for p, b in zip(table[name], table["in-process"], strict=True))
+
+
+def print_rounds(table: dict[str, list[float]]) -> None:
+    """Each path's rate per round (output tokens/s) and, for a served path, its median ratio."""
+    print(f"paired rounds, output tokens/s per round ({PAIRED_ROUNDS} rounds):")
+    for name, rates in table.items():
+        ratio = (
+            "" if name == "in-process" else f"  median ratio to in-process {paired_ratio(table, name):.2f}"
+        )
+        print(f"  {name:28s} {' '.join(f'{r:6.1f}' for r in rates)}{ratio}")
+
+
+async def warm_then_time(one, items: list, runs: int = TIMED_RUNS, warm: bool = True) -> float:
     """Output tokens/s of `one(item)` (it returns the tokens it got) for every item at once:
-    the median of TIMED_RUNS runs, after a warm-up run of the same workload, untimed."""
-    await asyncio.gather(*(one(item) for item in items))
+    the median of `runs` runs, after a warm-up run of the same workload, untimed, when `warm`
+    (nan when `runs` is 0: the warm-up alone)."""
+    if warm:
+        await asyncio.gather(*(one(item) for item in items))
     rates = []
-    for _ in range(TIMED_RUNS):
+    for _ in range(runs):
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(one(item) for item in items)))
         rates.append(tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return statistics.median(rates) if rates else float("nan")
 
 
-async def run_served_grpc(target: str, model: str, prompts: list[list[int]]) -> float:
+async def run_served_grpc(target: str, model: str, prompts: list[list[int]], **timing) -> float:
     import grpc
 
     from expertmesh.api.pb import generation_pb2 as gen
@@ -149,10 +196,10 @@ async def run_served_grpc(target: str, model: str, prompts: list[list[int]]) -> 
                     tokens += len(message.delta.token_ids)
             return tokens
 
-        return await warm_then_time(one, prompts)
+        return await warm_then_time(one, prompts, **timing)
 
 
-async def run_served_infer(target: str, model: str, texts: list[str]) -> float:
+async def run_served_infer(target: str, model: str, texts: list[str], **timing) -> float:
     """The workload as KServe ModelInfer calls (unary: the whole text at the end), through
     stubs generated from the KServe proto (tritonclient registers the same proto names, so
     it cannot share a process with the server's; the test suite calls with it separately)."""
@@ -175,20 +222,23 @@ async def run_served_infer(target: str, model: str, texts: list[str]) -> float:
             response = await stub.ModelInfer(request)
             return response.parameters["completion_tokens"].int64_param
 
-        return await warm_then_time(one, texts)
+        return await warm_then_time(one, texts, **timing)
 
 
-async def run_served(base_url: str, model: str, prompts: list[list[int]]) -> float:
+async def run_served(base_url: str, model: str, prompts: list[list[int]], **timing) -> float:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
     body = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    # closed inside this event loop: each paired round runs its own
+    async with openai.AsyncOpenAI(
+        base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600
+    ) as client:
 
-    async def one(prompt: list[int]) -> int:
-        reply = await client.completions.create(model=model, prompt=prompt, **body)
-        return reply.usage.completion_tokens
+        async def one(prompt: list[int]) -> int:
+            reply = await client.completions.create(model=model, prompt=prompt, **body)
+            return reply.usage.completion_tokens
 
-    return await warm_then_time(one, prompts)
+        return await warm_then_time(one, prompts, **timing)
 
 
 def scrape(series_name: str, model: str) -> dict[str, dict[str, float]]:
@@ -348,8 +398,8 @@ def main() -> None:
         f"{NEW_TOKENS} new tokens, greedy; {CHECKPOINT.name}"
     )
 
-    in_process, moge_imbalance = run_in_process(prompts)
-    print(f"in-process engine:        {in_process:8.1f} output tokens/s")
+    baseline = InProcessEngine(prompts)
+    print(f"in-process engine, before Ray: {baseline.rate(TIMED_RUNS):8.1f} output tokens/s")
 
     revision = {"source": str(CHECKPOINT), "dtype": "float32", "engine_threads": 2}  # as in-process
     disaggregated_revision = revision | {"expert_parallel": {"enabled": True}}
@@ -358,24 +408,30 @@ def main() -> None:
         # Each model is measured alone: idle deployments cost CPU too (Serve's controller
         # reconciles every deployment 10 times a second), which the measured model would lack.
         deploy(ServeConfig.parse({"models": [{"name": "colocated", "revisions": [revision]}]}))
-        colocated_infer = asyncio.run(run_served_infer(grpc_target, "colocated", texts))
-        print(
-            f"served, colocated, gRPC:  {colocated_infer:8.1f} output tokens/s (ModelInfer through Ray Serve)"
-        )
-        colocated_stream = asyncio.run(run_served_grpc(grpc_target, "colocated", prompts))
-        print(
-            f"served, colocated, gRPC:  {colocated_stream:8.1f} output tokens/s (streaming Generate, a message a token)"
-        )
-        colocated = asyncio.run(run_served(url, "colocated", prompts))
-        print(f"served, colocated, HTTP:  {colocated:8.1f} output tokens/s (OpenAI API through Ray Serve)")
+        colocated_paths = {
+            "served gRPC ModelInfer": lambda **t: asyncio.run(
+                run_served_infer(grpc_target, "colocated", texts, **t)
+            ),
+            "served gRPC stream": lambda **t: asyncio.run(
+                run_served_grpc(grpc_target, "colocated", prompts, **t)
+            ),
+            "served HTTP": lambda **t: asyncio.run(run_served(url, "colocated", prompts, **t)),
+        }
+        colocated = paired_rounds(baseline, colocated_paths)
+        print_rounds(colocated)
         run_guidellm(url, "colocated")
         deploy(
             ServeConfig.parse({"models": [{"name": "disaggregated", "revisions": [disaggregated_revision]}]})
         )
-        disaggregated = asyncio.run(run_served(url, "disaggregated", prompts))
-        print(
-            f"served, disaggregated, HTTP: {disaggregated:5.1f} output tokens/s (8 expert pools over ZeroMQ)"
+        disaggregated = paired_rounds(
+            baseline,
+            {
+                "served HTTP, 8 expert pools": lambda **t: asyncio.run(
+                    run_served(url, "disaggregated", prompts, **t)
+                )
+            },
         )
+        print_rounds(disaggregated)
 
     # pool-replica-imbalance reads the platform's counters: a fresh Ray that reports them every
     # second (its default is every 10 s), kept apart from the throughput runs, whose every process
@@ -398,11 +454,13 @@ def main() -> None:
         gauges = scrape(REPLICA_IMBALANCE.name, "pooled")
         worst_gauge = max((v for g in gauges.values() for v in g.values()), default=float("nan"))
         print(f"  platform gauge {REPLICA_IMBALANCE.name}, worst pool, last 1 s window: {worst_gauge:.3f}")
-    print(f"ratio served-http/in-process = {colocated / in_process:.2f}")
-    print(f"ratio served-stream/in-process = {colocated_stream / in_process:.2f}")
-    print(f"ratio served/in-process = {colocated_infer / in_process:.2f}")
-    print(f"ratio disaggregated/colocated = {disaggregated / colocated:.2f}")
-    print(f"ratio moge-group-imbalance = {moge_imbalance:.2f}")
+    served_http = paired_ratio(colocated, "served HTTP")
+    print(f"ratio served-http/in-process = {served_http:.2f}")
+    print(f"ratio served-stream/in-process = {paired_ratio(colocated, 'served gRPC stream'):.2f}")
+    print(f"ratio served/in-process = {paired_ratio(colocated, 'served gRPC ModelInfer'):.2f}")
+    disaggregated_ratio = paired_ratio(disaggregated, "served HTTP, 8 expert pools") / served_http
+    print(f"ratio disaggregated/colocated = {disaggregated_ratio:.2f}")
+    print(f"ratio moge-group-imbalance = {baseline.group_imbalance():.2f}")
     num_pools = load_config(CHECKPOINT).moe.num_routing_groups
     if len(pool_imbalance) != num_pools:
         print(f"pool-replica-imbalance: only {len(pool_imbalance)} of {num_pools} pools reported rows")
