@@ -19,7 +19,8 @@ processes (about 0.1 of the 2 cores); its rate before Ray starts is printed too.
   costs the proxy, router and client CPU that the engine then lacks.
 - `served-http/in-process`: the same over the OpenAI HTTP API (non-streaming).
 - `disaggregated/colocated`: served with one Serve pool per expert group
-  (ZeroMQ data path) against served with experts inside the engine, both over HTTP:
+  (ZeroMQ data path; its engine on one thread, the platform's default, as it waits on its
+  pools) against served with experts inside the engine (two threads), both over HTTP:
   (disaggregated/in-process) / (served-http/in-process), each from its own paired rounds
   (each model is deployed alone, so they cannot share a round).
 - `moge-group-imbalance`: max/mean of the rows each expert group received over
@@ -78,7 +79,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "pangu_pro_moe-small"
 NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = 16, 64, 32
 TIMED_RUNS = 3  # per path when timed alone; the median counts
-PAIRED_ROUNDS = 5  # rounds of in-process then each served path; the median ratio counts
+PAIRED_ROUNDS = 7  # rounds of in-process then each served path; the median ratio counts
 # pool-replica-imbalance: replicas per expert pool, closed-loop clients, seconds before and of the window
 POOL_REPLICAS, POOL_CLIENTS, POOL_WARMUP_S, POOL_WINDOW_S = 2, 8, 5.0, 20.0
 GUIDELLM = ROOT / ".peers" / "guidellm" / "bin" / "guidellm"
@@ -402,7 +403,10 @@ def main() -> None:
     print(f"in-process engine, before Ray: {baseline.rate(TIMED_RUNS):8.1f} output tokens/s")
 
     revision = {"source": str(CHECKPOINT), "dtype": "float32", "engine_threads": 2}  # as in-process
-    disaggregated_revision = revision | {"expert_parallel": {"enabled": True}}
+    # The disaggregated engine keeps the platform's default of one thread (as
+    # deployments/serve/disaggregated.yaml deploys it): it waits on its pools for every MoE layer,
+    # and a second engine thread only takes the 2 cores from the 8 pool processes.
+    disaggregated_revision = revision | {"engine_threads": 1, "expert_parallel": {"enabled": True}}
     # Throughput runs under Ray's defaults, as `expertmesh serve` starts it.
     with local_serve() as (url, grpc_target):
         # Each model is measured alone: idle deployments cost CPU too (Serve's controller
