@@ -15,7 +15,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from expertmesh.config import ExpertParallelSpec, ModelSpec, RevisionSpec, ServeConfig, default_groups
+from expertmesh.config import (
+    ExpertParallelSpec,
+    ModelSpec,
+    RevisionResources,
+    RevisionSpec,
+    ServeConfig,
+    default_groups,
+)
 from expertmesh.engine.config import EngineConfig
 from expertmesh.model.config import ModelConfig
 from expertmesh.serve.app import serve_deploy_config
@@ -31,6 +38,7 @@ from expertmesh_operator.crd import (
     rfc3339,
 )
 from expertmesh_operator.events import Event
+from expertmesh_operator.resources import replica_resources
 from expertmesh_operator.rollout import AnalysisResult, advance, weights
 from expertmesh_operator.semantics import spec_problems
 
@@ -59,11 +67,16 @@ class ReconcileResult(BaseModel):
 def _revision_spec(record: RevisionRecord) -> RevisionSpec:
     spec = record.spec
     ep = spec.expert_parallel
+    engine_resources, engine_threads = replica_resources(spec.resources.engine)
+    expert_resources, expert_threads = replica_resources(spec.resources.experts)
     return RevisionSpec(
         name=record.name,
         source=spec.source.path(),
         dtype=spec.architecture.dtype,
         engine_replicas=spec.engine_replicas,
+        engine_threads=engine_threads,
+        expert_threads=expert_threads,
+        resources=RevisionResources(engine=engine_resources, experts=expert_resources),
         expert_parallel=ExpertParallelSpec(
             enabled=ep.enabled, groups=ep.groups, replicas_per_group=ep.replicas_per_group
         ),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from expertmesh.model.config import ModelConfig
 from expertmesh_operator.crd import ModelResourceSpec
+from expertmesh_operator.resources import MAX_CPUS, quantity
 
 
 def spec_problems(spec: ModelResourceSpec, model_config: ModelConfig | None = None) -> list[str]:
@@ -18,7 +19,27 @@ def spec_problems(spec: ModelResourceSpec, model_config: ModelConfig | None = No
         *_expert_layout(spec, model_config),
         *_limits(spec, model_config),
         *_autoscaling(spec),
+        *_resources(spec),
     ]
+
+
+def _resources(spec: ModelResourceSpec) -> list[str]:
+    """Quantities Ray can reserve: not negative, a request not above its limit (as Kubernetes asks)."""
+    problems = []
+    for pool_name, pool in (("engine", spec.resources.engine), ("experts", spec.resources.experts)):
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(pool.requests, kind), getattr(pool.limits, kind)
+            for where, text in (("requests", request), ("limits", limit)):
+                if text is not None and quantity(text) < 0:
+                    problems.append(f"resources.{pool_name}.{where}.{kind} ({text}) must not be negative")
+                if kind == "cpu" and text is not None and quantity(text) > MAX_CPUS:
+                    problems.append(f"resources.{pool_name}.{where}.cpu ({text}) must be at most {MAX_CPUS}")
+            if request is not None and limit is not None and quantity(request) > quantity(limit):
+                problems.append(
+                    f"resources.{pool_name}.requests.{kind} ({request}) must not exceed "
+                    f"resources.{pool_name}.limits.{kind} ({limit})"
+                )
+    return problems
 
 
 def _replica_bounds(spec: ModelResourceSpec) -> list[str]:

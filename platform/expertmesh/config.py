@@ -39,6 +39,30 @@ class ExpertParallelSpec(BaseModel):
     replicas_per_group: int = Field(1, ge=1, le=64)
 
 
+class ReplicaResources(BaseModel):
+    """What Ray reserves for each replica of a deployment (its `ray_actor_options`). Ray places a
+    replica only where the reservation fits, and the Ray autoscaler adds nodes for one that does
+    not; with nothing reserved, replicas share whatever node they land on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(0, ge=0, le=4096, description="CPUs reserved per replica; 0: none")
+    memory_bytes: int | None = Field(None, ge=1, description="memory reserved per replica; None: none")
+
+    def ray_actor_options(self) -> dict:
+        options: dict = {"num_cpus": self.num_cpus}
+        if self.memory_bytes is not None:
+            options["memory"] = self.memory_bytes
+        return options
+
+
+class RevisionResources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: ReplicaResources = Field(default_factory=ReplicaResources)
+    experts: ReplicaResources = Field(default_factory=ReplicaResources, description="each expert replica")
+
+
 class RevisionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,8 +71,10 @@ class RevisionSpec(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     engine_replicas: int = Field(1, ge=1, le=64)
     engine_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads of each engine replica")
+    expert_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads of each expert replica")
     expert_parallel: ExpertParallelSpec = Field(default_factory=ExpertParallelSpec)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    resources: RevisionResources = Field(default_factory=RevisionResources)
 
 
 class ModelSpec(BaseModel):

@@ -33,7 +33,12 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "deployments" / "serve"
 
 
 def example_model(
-    file: str, name: str, source: Path, replicas_per_group: int | None = None, **engine
+    file: str,
+    name: str,
+    source: Path,
+    replicas_per_group: int | None = None,
+    resources: dict | None = None,
+    **engine,
 ) -> dict:
     """A model of an example config (deployments/serve/), pointed at the tiny checkpoint."""
     (model,) = ServeConfig.from_yaml(EXAMPLES / file).model_dump(mode="json")["models"]
@@ -43,7 +48,14 @@ def example_model(
         revision["engine"].update(engine)
         if replicas_per_group:
             revision["expert_parallel"]["replicas_per_group"] = replicas_per_group
+        if resources:
+            revision["resources"] = resources
     return model
+
+
+# What two of the app's revisions reserve in Ray for each replica: small enough to fit 2 CPUs.
+ENGINE_RESERVATION = {"num_cpus": 0.25, "memory_bytes": 1 << 20}
+EXPERT_RESERVATION = {"num_cpus": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +71,7 @@ def app(ray_serve, pangu_tiny):
                     "disaggregated",
                     pangu_tiny,
                     replicas_per_group=2,
+                    resources={"experts": EXPERT_RESERVATION},
                     micro_batches=2,
                     micro_batch_min_tokens=2,
                 ),
@@ -72,6 +85,7 @@ def app(ray_serve, pangu_tiny):
                                 "max_num_batched_tokens": 16,
                                 "max_queued_requests": 1,
                             },
+                            "resources": {"engine": ENGINE_RESERVATION},
                         }
                     ],
                 },
@@ -128,6 +142,15 @@ def test_each_expert_pool_is_its_own_deployment(app):
     pools = sorted(name for name in status if name.startswith("experts-disaggregated"))
     assert pools == [f"experts-disaggregated-v1-g{g}" for g in range(4)]  # tiny pangu: 4 MoGE groups
     assert all(status[name].status == "HEALTHY" for name in status)
+
+
+def test_a_revisions_resources_are_what_ray_reserves_for_each_replica(app):
+    # one-seat's engine and the disaggregated model's 8 expert replicas (4 groups x 2) reserve;
+    # every other replica of the platform reserves nothing
+    cluster, available = ray.cluster_resources(), ray.available_resources()
+    reserved_cpus = ENGINE_RESERVATION["num_cpus"] + 8 * EXPERT_RESERVATION["num_cpus"]
+    assert cluster["CPU"] - available["CPU"] == pytest.approx(reserved_cpus, abs=1e-3)
+    assert cluster["memory"] - available["memory"] == pytest.approx(ENGINE_RESERVATION["memory_bytes"])
 
 
 def test_traffic_shift_is_a_reconfigure_not_a_restart(app):

@@ -59,10 +59,15 @@ def build_revision_app(model: str, rev: RevisionSpec) -> serve.Application:
             ExpertGroup.options(
                 name=expert_deployment_name(model, rev.name, g),
                 num_replicas=rev.expert_parallel.replicas_per_group,
+                ray_actor_options=rev.resources.experts.ray_actor_options(),
             ).bind(spec, g, model=model)
             for g in range(partition_for(rev).num_groups)
         ]
-    engine = Engine.options(name=engine_deployment_name(model, rev.name), num_replicas=rev.engine_replicas)
+    engine = Engine.options(
+        name=engine_deployment_name(model, rev.name),
+        num_replicas=rev.engine_replicas,
+        ray_actor_options=rev.resources.engine.ray_actor_options(),
+    )
     return engine.bind(spec, groups, model=model)
 
 

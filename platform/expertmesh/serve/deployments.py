@@ -48,9 +48,6 @@ from expertmesh.serve.traffic import choose_revision
 logger = logging.getLogger("ray.serve")
 ENDPOINT_REFRESH_S = 5.0
 
-# Expert replicas of all pools share the machine's cores: one intra-op thread each.
-EXPERT_THREADS = int(os.environ.get("EXPERTMESH_EXPERT_THREADS", "1"))
-
 
 def partition_for(spec: RevisionSpec) -> ExpertPartition:
     cfg = load_config(spec.source)
@@ -68,9 +65,9 @@ def partition_for(spec: RevisionSpec) -> ExpertPartition:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class ExpertGroup:
     def __init__(self, revision: dict, group: int, model: str = "unnamed"):
-        torch.set_num_threads(EXPERT_THREADS)
-        native_kernels()  # build (or load) them before the replica is ready, not inside a layer's deadline
         spec = RevisionSpec.model_validate(revision)
+        torch.set_num_threads(spec.expert_threads)
+        native_kernels()  # build (or load) them before the replica is ready, not inside a layer's deadline
         partition = partition_for(spec)
         self.server = ExpertGroupServer(
             load_expert_group(spec.source, group, partition.num_groups, spec.dtype),

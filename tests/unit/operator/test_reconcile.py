@@ -187,3 +187,24 @@ def test_rayservice_manifest():
     assert yaml.safe_load(obj["spec"]["serveConfigV2"]) == result.serve_config_v2
     assert obj["spec"]["rayClusterConfig"] is cluster
     assert rayservice_manifest("expertmesh", "ml", result.serve_config_v2, cluster) == obj
+
+
+def test_resources_become_each_replicas_ray_reservation_and_threads():
+    resources = {
+        "engine": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}},
+        "experts": {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"cpu": "2"}},
+    }
+    result = run([model(expertParallel={"enabled": True}, resources=resources)])
+    (revision,) = app_args(result).models[0].revisions
+    assert revision.resources.engine.ray_actor_options() == {"num_cpus": 4.0, "memory": 16 * 2**30}
+    assert revision.resources.experts.ray_actor_options() == {"num_cpus": 0.5, "memory": 2 * 2**30}
+    assert (revision.engine_threads, revision.expert_threads) == (4, 2)
+
+
+def test_a_resources_change_keeps_the_revision_and_follows_into_its_app():
+    first = run([model(resources={"engine": {"requests": {"cpu": "2"}}})])
+    models = with_status([model(generation=2, resources={"engine": {"requests": {"cpu": "6"}}})], first)
+    second = run(models, now=T0 + 10)
+    (revision,) = app_args(second).models[0].revisions
+    assert revision.name == "v1" and revision.resources.engine.num_cpus == 6.0  # no canary for it
+    assert second.statuses["pangu"].rollout.phase == "Stable"

@@ -84,3 +84,13 @@ def test_limits():
 def test_autoscaling_needs_a_target():
     assert spec_problems(spec(autoscaling={"queueDepthPerReplica": None}))
     assert spec_problems(spec(autoscaling={"enabled": False, "queueDepthPerReplica": None})) == []
+
+
+def test_resources_not_negative_and_requests_within_limits():
+    assert spec_problems(spec(resources={"engine": {"requests": {"cpu": "2"}, "limits": {"cpu": "4"}}})) == []
+    (negative,) = spec_problems(spec(resources={"experts": {"requests": {"memory": "-1Gi"}}}))
+    assert negative == "resources.experts.requests.memory (-1Gi) must not be negative"
+    (above,) = spec_problems(spec(resources={"engine": {"requests": {"cpu": "8"}, "limits": {"cpu": "4"}}}))
+    assert above == "resources.engine.requests.cpu (8) must not exceed resources.engine.limits.cpu (4)"
+    (huge,) = spec_problems(spec(resources={"engine": {"requests": {"cpu": "5000"}}}))
+    assert huge == "resources.engine.requests.cpu (5000) must be at most 4096"
