@@ -95,8 +95,14 @@ class PoolResources(CamelModel):
 
 
 class Resources(CamelModel):
-    engine: PoolResources = Field(default_factory=PoolResources)
-    experts: PoolResources = Field(default_factory=PoolResources)
+    engine: PoolResources = Field(
+        default_factory=PoolResources,
+        description="Ray reserves the requests (default: the limits) for each engine replica; "
+        "its torch threads are the whole CPUs of the limit, else of the request",
+    )
+    experts: PoolResources = Field(
+        default_factory=PoolResources, description="the same for each replica of every expert pool"
+    )
 
 
 class AutoscalingTargets(CamelModel):
