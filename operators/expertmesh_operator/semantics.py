@@ -24,20 +24,32 @@ def spec_problems(spec: ModelResourceSpec, model_config: ModelConfig | None = No
 
 
 def _resources(spec: ModelResourceSpec) -> list[str]:
-    """Quantities Ray can reserve: not negative, a request not above its limit (as Kubernetes asks)."""
+    """Quantities Ray can reserve: readable, not negative, a request not above its limit (as
+    Kubernetes asks). The schema's pattern admits a fractional exponent ("1e1.5"), which
+    Kubernetes' own parser refuses: it is reported here, not left to fail the reconcile."""
     problems = []
     for pool_name, pool in (("engine", spec.resources.engine), ("experts", spec.resources.experts)):
         for kind in ("cpu", "memory"):
-            request, limit = getattr(pool.requests, kind), getattr(pool.limits, kind)
-            for where, text in (("requests", request), ("limits", limit)):
-                if text is not None and quantity(text) < 0:
-                    problems.append(f"resources.{pool_name}.{where}.{kind} ({text}) must not be negative")
-                if kind == "cpu" and text is not None and quantity(text) > MAX_CPUS:
-                    problems.append(f"resources.{pool_name}.{where}.cpu ({text}) must be at most {MAX_CPUS}")
-            if request is not None and limit is not None and quantity(request) > quantity(limit):
+            values = {}  # "requests" / "limits" -> (text, value), for the ones that are set and valid
+            for where in ("requests", "limits"):
+                text = getattr(getattr(pool, where), kind)
+                if text is None:
+                    continue
+                field = f"resources.{pool_name}.{where}.{kind}"
+                try:
+                    value = quantity(text)
+                except ValueError:
+                    problems.append(f"{field} ({text}) is not a Kubernetes quantity")
+                    continue
+                if value < 0:
+                    problems.append(f"{field} ({text}) must not be negative")
+                if kind == "cpu" and value > MAX_CPUS:
+                    problems.append(f"{field} ({text}) must be at most {MAX_CPUS}")
+                values[where] = (text, value)
+            if len(values) == 2 and values["requests"][1] > values["limits"][1]:
                 problems.append(
-                    f"resources.{pool_name}.requests.{kind} ({request}) must not exceed "
-                    f"resources.{pool_name}.limits.{kind} ({limit})"
+                    f"resources.{pool_name}.requests.{kind} ({values['requests'][0]}) must not exceed "
+                    f"resources.{pool_name}.limits.{kind} ({values['limits'][0]})"
                 )
     return problems
 

@@ -94,3 +94,8 @@ def test_resources_not_negative_and_requests_within_limits():
     assert above == "resources.engine.requests.cpu (8) must not exceed resources.engine.limits.cpu (4)"
     (huge,) = spec_problems(spec(resources={"engine": {"requests": {"cpu": "5000"}}}))
     assert huge == "resources.engine.requests.cpu (5000) must be at most 4096"
+
+
+def test_a_quantity_the_schema_admits_but_kubernetes_refuses_is_a_problem_not_a_crash():
+    (unreadable,) = spec_problems(spec(resources={"engine": {"limits": {"cpu": "1e1.5"}}}))
+    assert unreadable == "resources.engine.limits.cpu (1e1.5) is not a Kubernetes quantity"
