@@ -78,7 +78,7 @@ from expertmesh.serve.metrics import (
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "pangu_pro_moe-small"
 NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = 16, 64, 32
-TIMED_RUNS = 3  # per path when timed alone; the median counts
+TIMED_RUNS = 3  # the in-process rate before Ray starts: the median of these runs
 PAIRED_ROUNDS = 7  # rounds of in-process then each served path; the median ratio counts
 # pool-replica-imbalance: replicas per expert pool, closed-loop clients, seconds before and of the window
 POOL_REPLICAS, POOL_CLIENTS, POOL_WARMUP_S, POOL_WINDOW_S = 2, 8, 5.0, 20.0
@@ -138,10 +138,10 @@ class InProcessEngine:
 
 
 def paired_rounds(baseline: InProcessEngine, paths: dict) -> dict[str, list[float]]:
-    """Each path's warm-up (`path(runs=0)`), then PAIRED_ROUNDS rounds of: the in-process engine
-    once, each path once right after it. Returns {"in-process" | path name: [rate per round]}."""
+    """Each path's warm-up (`path(runs=0, warm=True)`), then PAIRED_ROUNDS rounds of: the in-process
+    engine once, each path once right after it. Returns {"in-process" | path name: [rate per round]}."""
     for path in paths.values():
-        path(runs=0)
+        path(runs=0, warm=True)
     table: dict[str, list[float]] = {"in-process": [], **{name: [] for name in paths}}
     for _ in range(PAIRED_ROUNDS):
         table["in-process"].append(baseline.rate())
@@ -165,7 +165,7 @@ def print_rounds(table: dict[str, list[float]]) -> None:
         print(f"  {name:28s} {' '.join(f'{r:6.1f}' for r in rates)}{ratio}")
 
 
-async def warm_then_time(one, items: list, runs: int = TIMED_RUNS, warm: bool = True) -> float:
+async def warm_then_time(one, items: list, runs: int, warm: bool) -> float:
     """Output tokens/s of `one(item)` (it returns the tokens it got) for every item at once:
     the median of `runs` runs, after a warm-up run of the same workload, untimed, when `warm`
     (nan when `runs` is 0: the warm-up alone)."""

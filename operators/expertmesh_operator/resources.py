@@ -13,7 +13,7 @@ import math
 import re
 from decimal import Decimal
 
-from expertmesh.config import ReplicaResources
+from expertmesh.config import MAX_THREADS, ReplicaResources
 from expertmesh_operator.crd import PoolResources
 
 _SUFFIXES = {
@@ -23,8 +23,6 @@ _SUFFIXES = {
     "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
     "Pi": Decimal(2**50), "Ei": Decimal(2**60),
 }  # fmt: skip
-MAX_CPUS = 4096  # what a replica may reserve (expertmesh.config.ReplicaResources)
-MAX_THREADS = 256  # torch threads a replica may run (expertmesh.config.RevisionSpec)
 _QUANTITY = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$")
 
 

@@ -7,9 +7,10 @@ expert layout is checked against the real model, not a guess.
 
 from __future__ import annotations
 
+from expertmesh.config import MAX_REPLICA_CPUS
 from expertmesh.model.config import ModelConfig
 from expertmesh_operator.crd import ModelResourceSpec
-from expertmesh_operator.resources import MAX_CPUS, quantity
+from expertmesh_operator.resources import quantity
 
 
 def spec_problems(spec: ModelResourceSpec, model_config: ModelConfig | None = None) -> list[str]:
@@ -43,8 +44,8 @@ def _resources(spec: ModelResourceSpec) -> list[str]:
                     continue
                 if value < 0:
                     problems.append(f"{field} ({text}) must not be negative")
-                if kind == "cpu" and value > MAX_CPUS:
-                    problems.append(f"{field} ({text}) must be at most {MAX_CPUS}")
+                if kind == "cpu" and value > MAX_REPLICA_CPUS:
+                    problems.append(f"{field} ({text}) must be at most {MAX_REPLICA_CPUS}")
                 values[where] = (text, value)
             if len(values) == 2 and values["requests"][1] > values["limits"][1]:
                 problems.append(

@@ -18,6 +18,8 @@ from expertmesh.engine.config import EngineConfig
 from expertmesh.errors import ExpertMeshError, describe_validation_error
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?$"
+MAX_REPLICA_CPUS = 4096  # what one replica may reserve in Ray
+MAX_THREADS = 256  # torch intra-op threads one replica may run
 
 
 class ConfigError(ExpertMeshError):
@@ -46,7 +48,7 @@ class ReplicaResources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_cpus: float = Field(0, ge=0, le=4096, description="CPUs reserved per replica; 0: none")
+    num_cpus: float = Field(0, ge=0, le=MAX_REPLICA_CPUS, description="CPUs reserved per replica; 0: none")
     memory_bytes: int | None = Field(None, ge=1, description="memory reserved per replica; None: none")
 
     def ray_actor_options(self) -> dict:
@@ -70,8 +72,12 @@ class RevisionSpec(BaseModel):
     source: str = Field(..., min_length=1, description="checkpoint directory (HF layout)")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     engine_replicas: int = Field(1, ge=1, le=64)
-    engine_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads of each engine replica")
-    expert_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads of each expert replica")
+    engine_threads: int = Field(
+        1, ge=1, le=MAX_THREADS, description="torch intra-op threads of each engine replica"
+    )
+    expert_threads: int = Field(
+        1, ge=1, le=MAX_THREADS, description="torch intra-op threads of each expert replica"
+    )
     expert_parallel: ExpertParallelSpec = Field(default_factory=ExpertParallelSpec)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     resources: RevisionResources = Field(default_factory=RevisionResources)
