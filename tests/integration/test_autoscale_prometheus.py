@@ -487,6 +487,19 @@ def requests_at(
     node.counter("expertmesh_requests_total", 5.0, **sel, outcome="rejected")  # never counted
 
 
+def wait_for_scrapes(client: PrometheusClient, revision: str, models: Sequence[str], scrapes: int) -> None:
+    """Until Prometheus holds `scrapes` samples of every model's `revision` requests in the last
+    30 s (a fixed sleep raced the first scrape on a loaded machine)."""
+    promql = f'count_over_time(expertmesh_requests_total{{revision="{revision}",outcome="stop"}}[30s])'
+    deadline = time.monotonic() + 20
+    while True:
+        held = {s.metric.get("model"): s.number for s in client.vector(promql)}
+        if all(held.get(m, 0) >= scrapes for m in models):
+            return
+        assert time.monotonic() < deadline, f"{revision} series not scraped {scrapes}x in 20 s: {held}"
+        time.sleep(SCRAPE_S / 2)
+
+
 def test_canary_analysis_against_thresholds(node, client):
     thresholds = CanaryAnalysis(maxErrorRatio=0.01, maxP95LatencyRatio=1.25, minRequests=10)
     tpot = "expertmesh_time_per_output_token_seconds"
@@ -498,7 +511,7 @@ def test_canary_analysis_against_thresholds(node, client):
     for m in cases:
         requests_at(node, m, "v1", 40, 0.005)
         node.latency(tpot, 0.02, 20, model=m, revision="v1", pool="engine")
-    time.sleep(1.5)  # stable has samples before the window
+    wait_for_scrapes(client, "v1", list(cases), 3)  # stable has samples before the window
     window_start = time.time()
     for m, (errors, seconds) in cases.items():
         requests_at(node, m, "v2", 20, errors)
@@ -507,6 +520,7 @@ def test_canary_analysis_against_thresholds(node, client):
     requests_at(node, "burst", "v1", 40, 0.005)
     requests_at(node, "burst", "v2", 0, 0, start=(5, 5))
     time.sleep(3)
+    wait_for_scrapes(client, "v2", [*cases, "burst"], 2)
     now = time.time()
 
     results = {m: client.canary_analysis(m, "v1", "v2", window_start, now) for m in [*cases, "burst"]}
