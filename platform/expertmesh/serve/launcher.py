@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from expertmesh.config import ExpertParallelSpec, ModelSpec, RevisionSpec, ServeConfig
+from expertmesh.config import MAX_THREADS, ExpertParallelSpec, ModelSpec, RevisionSpec, ServeConfig
 
 METRICS_PORT = 8080
 
@@ -27,6 +29,44 @@ def single_model_config(
         api_key=api_key,
         http_port=http_port,
     )
+
+
+def computing_replicas(config: ServeConfig, groups_of: Callable[[RevisionSpec], int]) -> int:
+    """Threads the config's replicas run on one machine: every engine replica's, and every expert
+    replica's of a disaggregated revision (`groups_of` gives a revision's expert groups)."""
+    total = 0
+    for model in config.models:
+        for rev in model.revisions:
+            total += rev.engine_replicas * _threads_or_one(rev, "engine_threads")
+            if rev.expert_parallel.enabled:
+                total += groups_of(rev) * rev.expert_parallel.replicas_per_group * rev.expert_threads
+    return total
+
+
+def _threads_or_one(rev: RevisionSpec, field: str) -> int:
+    return getattr(rev, field) if field in rev.model_fields_set else 1
+
+
+def share_cores(config: ServeConfig, cpus: int, groups_of: Callable[[RevisionSpec], int]) -> ServeConfig:
+    """The config with this machine's cores shared among its engines (pure).
+
+    A revision that sets neither `engine_threads` nor an engine CPU reservation gets the cores
+    divided evenly among every thread the config's replicas run, at least one: all of a 2-core
+    machine for one colocated model, one thread for a disaggregated one whose 8 expert replicas
+    need the cores (what measured fastest here). Torch threads beyond the cores only spin against
+    each other, so nothing is oversubscribed by default.
+    """
+    threads = min(MAX_THREADS, max(1, cpus // max(1, computing_replicas(config, groups_of))))
+
+    def engine_threads(rev: RevisionSpec) -> RevisionSpec:
+        if "engine_threads" in rev.model_fields_set or rev.resources.engine.num_cpus > 0:
+            return rev
+        return rev.model_copy(update={"engine_threads": threads})
+
+    models = [
+        m.model_copy(update={"revisions": [engine_threads(r) for r in m.revisions]}) for m in config.models
+    ]
+    return config.model_copy(update={"models": models})
 
 
 def usage_text(config: ServeConfig, host: str) -> str:
@@ -71,6 +111,12 @@ def serve_forever(config: ServeConfig, host: str = "127.0.0.1") -> None:
 
     from expertmesh.kernels import native_kernels
     from expertmesh.serve.app import deploy, grpc_options
+    from expertmesh.serve.deployments import partition_for
+
+    config = share_cores(config, len(os.sched_getaffinity(0)), lambda rev: partition_for(rev).num_groups)
+    for model in config.models:
+        for rev in model.revisions:
+            print(f"{model.name}/{rev.name}: {rev.engine_threads} engine thread(s) per replica", flush=True)
 
     # Compile the native kernels here, once, before any replica needs them: a replica that
     # compiles them itself (about 40 s on 2 cores) and then loads its weights outlasted Serve's
