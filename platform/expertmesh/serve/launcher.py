@@ -37,14 +37,10 @@ def computing_replicas(config: ServeConfig, groups_of: Callable[[RevisionSpec], 
     total = 0
     for model in config.models:
         for rev in model.revisions:
-            total += rev.engine_replicas * _threads_or_one(rev, "engine_threads")
+            total += rev.engine_replicas * rev.engine_threads  # 1 where the revision chose none
             if rev.expert_parallel.enabled:
                 total += groups_of(rev) * rev.expert_parallel.replicas_per_group * rev.expert_threads
     return total
-
-
-def _threads_or_one(rev: RevisionSpec, field: str) -> int:
-    return getattr(rev, field) if field in rev.model_fields_set else 1
 
 
 def share_cores(config: ServeConfig, cpus: int, groups_of: Callable[[RevisionSpec], int]) -> ServeConfig:
