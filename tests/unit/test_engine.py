@@ -11,7 +11,8 @@ import torch
 
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.kv_cache import blocks_for, bytes_per_token
-from expertmesh.engine.llm_engine import LLMEngine, QueueFullError
+from expertmesh.engine.llm_engine import LLMEngine, QueueFullError, warm_up_lengths
+from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import StepPlan, plan_step
 from expertmesh.engine.sequence import RequestOutput, Sequence, SequenceStatus
@@ -634,3 +635,47 @@ def test_queue_limit_refuses_with_retry_hint(make_engine):
     with pytest.raises(QueueFullError, match="max_queued_requests=2"):
         engine.add_request("c", greedy(2))
     assert len(drain(engine)) == 2
+
+
+# ---- warm-up ------------------------------------------------------------------------
+
+
+def test_warm_up_lengths_spread_the_budget_over_the_batch():
+    config = EngineConfig(max_num_seqs=32, max_num_batched_tokens=4096)
+    assert warm_up_lengths(config, max_model_len=4096, cache_tokens=10**6) == [128] * 32
+    uneven = EngineConfig(max_num_seqs=3, max_num_batched_tokens=100)
+    assert warm_up_lengths(uneven, 4096, 10**6) == [34, 33, 33]
+
+
+def test_warm_up_lengths_leave_room_for_a_token_in_context_and_cache():
+    config = EngineConfig(max_num_seqs=2, max_num_batched_tokens=1024)
+    assert warm_up_lengths(config, max_model_len=100, cache_tokens=10**6) == [99, 99]
+    assert warm_up_lengths(config, max_model_len=4096, cache_tokens=64) == [63, 63]
+    assert warm_up_lengths(config, max_model_len=4096, cache_tokens=1) == []
+    few_queued = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, max_queued_requests=2)
+    assert warm_up_lengths(few_queued, 4096, 10**6) == [32, 32]
+
+
+def test_from_checkpoint_warms_up_with_a_full_step_and_leaves_nothing_behind(pangu_tiny, monkeypatch):
+    steps = []
+    execute = ModelRunner.execute
+
+    def spy(runner, plan):
+        steps.append(plan.num_tokens)
+        return execute(runner, plan)
+
+    monkeypatch.setattr(ModelRunner, "execute", spy)
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=96)
+    engine = LLMEngine.from_checkpoint(pangu_tiny, "float32", config)
+    assert steps[0] == 96  # the whole budget in one step, before any request
+    assert_idle(engine)
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert engine.last_step.seconds == 0
+    request = engine.add_request(STOP_PROMPT, greedy(3))
+    assert drain(engine)[request].outputs[0].token_ids  # serves as usual afterwards
+
+
+def test_remote_experts_engine_skips_the_warm_up(pangu_tiny, monkeypatch):
+    monkeypatch.setattr(LLMEngine, "warm_up", lambda self: pytest.fail("warm-up without experts"))
+    engine = LLMEngine.from_checkpoint(pangu_tiny, "float32", load_experts=False)
+    assert_idle(engine)
