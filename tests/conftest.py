@@ -52,9 +52,19 @@ from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import CompletionOutput
 from expertmesh.kernels import native_kernels
+from expertmesh.kernels.guard import CHOICES
 from expertmesh.model.checkpoint_maker import make_checkpoint
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def native_kernels_unguarded():
+    """Each test starts with every native op on (the load-time guard's choices are per process:
+    an engine a test loads must not move a later test's ops onto torch)."""
+    CHOICES.clear()
+    yield
+    CHOICES.clear()
 
 
 @pytest.fixture(scope="session", autouse=True)

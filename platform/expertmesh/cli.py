@@ -1,4 +1,4 @@
-"""Command line: `expertmesh serve | generate | make-checkpoint | demo`."""
+"""Command line: `expertmesh serve | generate | make-checkpoint | demo | info`."""
 
 from __future__ import annotations
 
@@ -110,6 +110,28 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(model, max_tokens=args.max_tokens, dtype=args.dtype)
 
 
+def _info(args: argparse.Namespace) -> None:
+    from expertmesh.kernels import DISABLE_ENV, buildable_levels, isa_level, native_kernels
+    from expertmesh.kernels.isa import ISA_ENV, cpu_model, machine
+
+    print(f"CPU: {cpu_model()} ({machine()}); kernel levels it runs: {', '.join(buildable_levels())}")
+    level = isa_level()  # a level the CPU lacks is an error here too
+    kernels = native_kernels()
+    if kernels is None:
+        print(f"native kernels: off ({DISABLE_ENV}=0, or they failed to build: see the warning above)")
+    else:
+        print(f"native kernels: built for {level} ({ISA_ENV}={os.environ.get(ISA_ENV, 'native')})")
+    if args.model is None:
+        return
+    from expertmesh.engine.llm_engine import LLMEngine
+
+    # the served engine's defaults: decode steps of up to max_num_seqs rows, prefill chunks of the token budget
+    engine = LLMEngine.from_checkpoint(args.model, args.dtype, skip_tokenizer_init=True)
+    print(f"kernels the load-time guard chose for {args.model} ({engine.model.embed_tokens.weight.dtype}):")
+    for line in engine.kernel_report or ["(none measured: torch's kernels only)"]:
+        print(f"  {line}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from expertmesh.model.checkpoint_maker import ARCHITECTURES, DTYPES, SIZES
 
@@ -163,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.set_defaults(func=_demo)
+
+    info = sub.add_parser(
+        "info",
+        help="this CPU, the ISA level the kernels are built for, and (with --model) what the guard chose",
+    )
+    info.add_argument(
+        "--model", type=Path, help="a checkpoint: time its ops, native against torch, as a load does"
+    )
+    info.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    info.set_defaults(func=_info)
     return parser
 
 

@@ -14,7 +14,7 @@ import expertmesh.model.experts as experts
 import expertmesh.model.layers as layers
 from expertmesh import LLM
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.kernels import native_kernels
+from expertmesh.kernels import buildable_levels, kernels_for, native_kernels
 from expertmesh.model.experts import ExpertWeights
 from expertmesh.model.layers import silu_and_mul
 
@@ -26,6 +26,15 @@ def kernels():
             "the native kernels did not build here (see test_native_kernels_build_where_a_compiler_exists)"
         )
     return module
+
+
+@pytest.fixture(params=buildable_levels())
+def level_kernels(request):
+    """The kernels built for each ISA level this CPU runs (EXPERTMESH_CPU_ISA's levels): the
+    lower levels' designs are checked on whatever CPU the tests run on."""
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: expert layers use torch's matmuls")
+    return kernels_for(request.param)
 
 
 def make_weights(experts, hidden, inter, seed):
@@ -48,11 +57,11 @@ def test_native_kernels_build_where_a_compiler_exists():
 @pytest.mark.parametrize(
     "counts", [[0, 1, 5, 6, 7, 13, 12, 2], [17, 0, 33, 64, 1, 40, 0, 31], [0, 270, 3, 33]]
 )
-def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype, packed, counts):
+def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype, packed, counts, level_kernels):
     # Row counts 0..13 per expert cross the kernel's 6-row register tiles, 17..270 the tile
     # unit's 16-row tiles, 32-row blocks and 256-row jobs (bf16, where the CPU has AMX); the
     # sizes exercise 1, 2 and 4 vectors per column block, in the canonical and the packed layout.
-    module = kernels()
+    module = level_kernels
     gen = torch.Generator().manual_seed(hidden + inter)
     rows = sum(counts)
     x = torch.randn(rows, hidden, generator=gen)
@@ -82,8 +91,8 @@ def test_fused_kernel_matches_naive_for_every_tile_shape(hidden, inter, dtype, p
     torch.testing.assert_close(got, want, **tolerance)
 
 
-def test_bf16_experts_are_pair_packed_where_the_cpu_has_bf16_dot_products():
-    module = kernels()
+def test_bf16_experts_are_pair_packed_where_the_cpu_has_bf16_dot_products(level_kernels):
+    module = level_kernels
     w = make_weights(3, 64, 32, seed=1)
     gate_up, down = ExpertWeights(w.gate_up.bfloat16(), w.down.bfloat16()).kernel_layout(module)
     if module.has_bf16_dot():
@@ -126,11 +135,11 @@ def test_prefill_sized_fp32_batches_take_the_fused_kernel_and_match_matmuls(monk
 )
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 64), (6, 3, 32), (4, 2, 128), (2, 1, 256)])
 def test_decode_attention_matches_softmax_over_the_gathered_context(
-    heads, kv_heads, dim, cache_dtype, q_dtype
+    heads, kv_heads, dim, cache_dtype, q_dtype, level_kernels
 ):
     # bf16 q with a bf16 cache is a bf16 model's case: its own path on the bf16 dot product
     # (lengths past 16 (position, head) pairs, and not a multiple of them, for its reductions)
-    module = kernels()
+    module = level_kernels
     gen = torch.Generator().manual_seed(heads * dim)
     lengths = torch.tensor([1, 7, 33, 20, 3])
     width, num_slots = int(lengths.max()), 200
@@ -156,8 +165,8 @@ def test_decode_attention_matches_softmax_over_the_gathered_context(
                 torch.testing.assert_close(got[i, h], want, atol=1e-5, rtol=1e-4)
 
 
-def test_decode_attention_rejects_a_length_beyond_its_slots():
-    module = kernels()
+def test_decode_attention_rejects_a_length_beyond_its_slots(level_kernels):
+    module = level_kernels
     cache = torch.zeros(8, 1, 16)
     with pytest.raises(RuntimeError, match="lengths must be in"):
         module.decode_attention(
@@ -190,9 +199,9 @@ def assert_linear_close(got, x, weight, bias):
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 32])
 @pytest.mark.parametrize("out_features,in_features", [(1, 16), (30, 48), (64, 512)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_small_linear_matches_f_linear(rows, out_features, in_features, with_bias, dtype):
+def test_small_linear_matches_f_linear(rows, out_features, in_features, with_bias, dtype, level_kernels):
     # Column counts that do not fill a 4-column block, and row counts across the 6-row tiles.
-    module = kernels()
+    module = level_kernels
     x, weight, bias = linear_case(rows, out_features, in_features, with_bias, dtype, rows * out_features)
     assert_linear_close(module.small_linear(x, weight, bias), x, weight, bias)
 
@@ -203,12 +212,10 @@ def test_small_linear_matches_f_linear(rows, out_features, in_features, with_bia
     "out_features,in_features", [(16, 16), (32, 48), (48, 32), (192, 512), (592, 64), (1088, 96)]
 )
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_packed_linear_matches_f_linear(rows, out_features, in_features, with_bias, dtype):
+def test_packed_linear_matches_f_linear(rows, out_features, in_features, with_bias, dtype, level_kernels):
     # Out-features that pack into 1-, 2- and 4-vector column blocks, rows across the 6-row tiles
     # (and for bf16 on AMX, the 16-row tiles and 32-row jobs).
-    module = kernels()
-    if dtype == torch.bfloat16 and not module.has_bf16_dot():
-        pytest.skip("bf16 weights are packed only for CPUs with bf16 dot products (AVX512-BF16)")
+    module = level_kernels
     seed = rows * out_features + in_features
     x, weight, bias = linear_case(rows, out_features, in_features, with_bias, dtype, seed)
     assert_linear_close(module.packed_linear(x, module.pack_linear(weight), bias), x, weight, bias)
@@ -399,14 +406,14 @@ def assert_close_for(dtype, got, want, rtol_fp32=2e-6):
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 5), (3, 17), (32, 16384), (5, 151936)])
-def test_argmax_rows_is_torchs_argmax(rows, vocab):
-    module = kernels()
+def test_argmax_rows_is_torchs_argmax(rows, vocab, level_kernels):
+    module = level_kernels
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab))
     assert torch.equal(module.argmax_rows(logits), torch.argmax(logits, dim=-1))
 
 
-def test_argmax_rows_breaks_ties_and_meets_nans_and_infinities_as_torch_does():
-    module = kernels()
+def test_argmax_rows_breaks_ties_and_meets_nans_and_infinities_as_torch_does(level_kernels):
+    module = level_kernels
     logits = torch.zeros(6, 40)
     logits[0, 3] = logits[0, 30] = 1.0  # a tie: the first
     logits[1, 2], logits[1, 5], logits[1, 9] = 7.0, float("nan"), 5.0  # a NaN beats a larger value
@@ -421,8 +428,8 @@ def test_argmax_rows_breaks_ties_and_meets_nans_and_infinities_as_torch_does():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,inter", [(1, 16), (7, 48), (33, 1536)])
-def test_silu_and_mul_matches_torch_and_is_contiguous(rows, inter, dtype):
-    module = kernels()
+def test_silu_and_mul_matches_torch_and_is_contiguous(rows, inter, dtype, level_kernels):
+    module = level_kernels
     gate_up = (torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(rows)) * 4).to(dtype)
     got = module.silu_and_mul(gate_up)
     want = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
@@ -435,8 +442,8 @@ def test_silu_and_mul_matches_torch_and_is_contiguous(rows, inter, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,hidden", [(1, 16), (9, 512), (130, 1024)])
-def test_rms_norm_with_and_without_the_residual_add_matches_torch(rows, hidden, dtype):
-    module = kernels()
+def test_rms_norm_with_and_without_the_residual_add_matches_torch(rows, hidden, dtype, level_kernels):
+    module = level_kernels
     gen = torch.Generator().manual_seed(hidden)
     x, delta = (torch.randn(rows, hidden, generator=gen).to(dtype) for _ in range(2))
     weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
@@ -449,8 +456,8 @@ def test_rms_norm_with_and_without_the_residual_add_matches_torch(rows, hidden, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_cache", [False, True])
-def test_rotary_qkv_rotates_q_and_k_in_place_and_writes_the_cache(with_cache, dtype):
-    module = kernels()
+def test_rotary_qkv_rotates_q_and_k_in_place_and_writes_the_cache(with_cache, dtype, level_kernels):
+    module = level_kernels
     rows, heads, kv_heads, dim = 11, 4, 2, 64
     gen = torch.Generator().manual_seed(dim)
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)

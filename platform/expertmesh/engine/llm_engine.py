@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer
 from expertmesh.engine.allocator import retain_freed_memory
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.detokenizer import Detokenizer, find_stop, stop_holdback
+from expertmesh.engine.kernel_guard import guard_kernels
 from expertmesh.engine.kv_cache import BlockAllocator, KVCache
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.sampler import sample
@@ -22,6 +24,8 @@ from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import Scheduler
 from expertmesh.engine.sequence import CompletionOutput, RequestOutput, Sequence
 from expertmesh.errors import BackendUnavailableError, CheckpointError, InvalidRequestError
+from expertmesh.kernels import native_kernels
+from expertmesh.kernels.guard import Choice, describe
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.loader import load_config, load_model, resolve_dtype
 from expertmesh.model.transformer import CausalLM
@@ -81,6 +85,13 @@ def warm_up_lengths(config: EngineConfig, max_model_len: int, cache_tokens: int)
     return [n for i in range(seqs) if (n := min(per + (i < extra), longest)) > 0]
 
 
+log = logging.getLogger(__name__)
+
+# The guard times prefill-sized ops at the step's token budget, up to this many rows: beyond
+# it a matmul's speed per row no longer changes, only the load time would.
+GUARD_MAX_PREFILL_ROWS = 2048
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -120,6 +131,8 @@ class LLMEngine:
         self.lock = threading.RLock()
         self._admit_lock = threading.Lock()
         self.last_step = StepStats()
+        self.kernel_choices: dict[str, Choice] = {}  # what the load-time guard chose (guard_native_kernels)
+        self.kernel_report: list[str] = []  # ... and the timings it chose from, a line per op and size
 
     @classmethod
     def from_checkpoint(
@@ -138,9 +151,22 @@ class LLMEngine:
         tokenizer = None if skip_tokenizer_init else load_tokenizer(path)
         model = load_model(path, dtype, progress=progress, load_experts=load_experts)
         engine = cls(model, tokenizer, stop_token_ids(path, cfg.eos_token_ids), config)
+        engine.guard_native_kernels()
         if load_experts:  # remote experts are reached only once their pools are up
             engine.warm_up()
         return engine
+
+    def guard_native_kernels(self) -> None:
+        """Time each native op against its torch twin on this model's shapes, at a decode step's
+        rows and a prefill step's, and keep the faster per op and size (kernels/guard.py), so no
+        CPU runs a kernel slower than torch's. Each choice is logged once."""
+        if native_kernels() is None:
+            return
+        prefill_rows = min(self.config.max_num_batched_tokens, GUARD_MAX_PREFILL_ROWS)
+        self.kernel_choices, timings = guard_kernels(self.model, self.config.max_num_seqs, prefill_rows)
+        self.kernel_report = describe(self.kernel_choices, timings)
+        for line in self.kernel_report:
+            log.info("kernel guard: %s", line)
 
     def warm_up(self) -> None:
         """Run one step of the largest size before any request, as vLLM's profile run does.

@@ -6,6 +6,7 @@ import torch
 
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.kernels import native_kernels
+from expertmesh.kernels.guard import use_native
 
 
 def sample(
@@ -22,7 +23,13 @@ def sample(
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax: the native kernel where it takes the rows (4x torch's argmax here)."""
     kernels = native_kernels()
-    if kernels is not None and logits.dtype == torch.float32 and logits.is_contiguous() and logits.numel():
+    if (
+        kernels is not None
+        and logits.dtype == torch.float32
+        and logits.is_contiguous()
+        and logits.numel()
+        and use_native("argmax", logits.shape[0])
+    ):
         return kernels.argmax_rows(logits)
     return torch.argmax(logits, dim=-1)
 

@@ -158,7 +158,7 @@ void tile_linear_bf16(const at::BFloat16* x, int64_t rows, int64_t depth, const 
       for (int64_t m = 0; m < job.rows; ++m)
         for (int64_t c = 0; c < slice; c += kLanes)
           store(y + (job.first_row + m) * columns + column + c,
-                load(&acc[m][c]) + (bias ? load(bias + column + c) : v16{}));
+                load(&acc[m][c]) + (bias ? load(bias + column + c) : vec{}));
     });
   });
 }
@@ -188,7 +188,7 @@ void tile_experts_bf16(const at::BFloat16* x, const std::vector<int64_t>& offset
   // by each row's routing weight into out_bf16 (rounded once) or out.
   auto store_out = [&](int64_t first, int64_t rows, int64_t column, int64_t width, const float* acc, int64_t ld) {
     for (int64_t m = 0; m < rows; ++m) {
-      const v16 scale = broadcast(row_weight[first + m]);
+      const vec scale = broadcast(row_weight[first + m]);
       const int64_t at = (first + m) * hidden + column;
       for (int64_t c = 0; c < width; c += kLanes) {
         if (out_bf16) store(out_bf16 + at + c, load(acc + m * ld + c) * scale);

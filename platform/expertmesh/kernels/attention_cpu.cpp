@@ -21,31 +21,37 @@
 namespace expertmesh {
 namespace {
 
-// The 16 lanes' sum in four halving steps: a score needs one per (position, head), and
-// summing lane by lane (sum_lanes, in order) is a chain of 16 dependent adds.
-inline float tree_sum(v16 v) {
-  v += __builtin_shuffle(v, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v += __builtin_shuffle(v, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  v += __builtin_shuffle(v, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  v += __builtin_shuffle(v, i16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+// The lanes' sum in halving steps: a score needs one per (position, head), and summing lane
+// by lane (sum_lanes, in order) is a chain of dependent adds.
+inline float tree_sum(vec v) {
+#if EXPERTMESH_LANES == 16
+  v += __builtin_shuffle(v, ivec{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, ivec{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, ivec{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, ivec{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+#else
+  v += __builtin_shuffle(v, ivec{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, ivec{2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, ivec{1, 0, 3, 2, 5, 4, 7, 6});
+#endif
   return v[0];
 }
 
-// softmax over s[0, n), 16 lanes at a time (the vector exp; std::exp for the last n % 16).
+// softmax over s[0, n), a vector at a time (the vector exp; std::exp for the last n % kLanes).
 void softmax_in_place(float* s, int64_t n) {
   const int64_t whole = n / kLanes * kLanes;
   const float peak = max_of(s, n);
-  const v16 peaks = broadcast(peak);
-  v16 totals{};
+  const vec peaks = broadcast(peak);
+  vec totals{};
   for (int64_t j = 0; j < whole; j += kLanes) {
-    const v16 e = exp(load(s + j) - peaks);
+    const vec e = exp(load(s + j) - peaks);
     store(s + j, e);
     totals += e;
   }
   float total = sum_lanes(totals);
   for (int64_t j = whole; j < n; ++j) total += (s[j] = std::exp(s[j] - peak));
   const float inverse = 1.0f / total;
-  const v16 inverses = broadcast(inverse);
+  const vec inverses = broadcast(inverse);
   for (int64_t j = 0; j < whole; j += kLanes) store(s + j, load(s + j) * inverses);
   for (int64_t j = whole; j < n; ++j) s[j] *= inverse;
 }
@@ -79,18 +85,18 @@ void attend(const float* q, const KV* k_cache, const KV* v_cache, const int64_t*
     for (int64_t h = 0; h < heads; ++h) {
       const KV* key = key_row + (h / group) * dim;
       const float* query = q + h * dim;
-      v16 acc{};
+      vec acc{};
       for (int64_t v = 0; v < vectors; ++v) acc += load(query + v * kLanes) * load(key + v * kLanes);
       scores[h * length + j] = tree_sum(acc) * scale;
     }
   }
   for (int64_t h = 0; h < heads; ++h) softmax_in_place(scores.data() + h * length, length);
-  for (int64_t i = 0; i < heads * vectors; ++i) store(out + i * kLanes, v16{});
+  for (int64_t i = 0; i < heads * vectors; ++i) store(out + i * kLanes, vec{});
   for (int64_t j = 0; j < length; ++j) {
     const KV* value_row = v_cache + slots[j] * row;
     for (int64_t h = 0; h < heads; ++h) {
       const KV* value = value_row + (h / group) * dim;
-      const v16 weight = broadcast(scores[h * length + j]);
+      const vec weight = broadcast(scores[h * length + j]);
       float* dst = out + h * dim;
       for (int64_t v = 0; v < vectors; ++v) store(dst + v * kLanes, load(dst + v * kLanes) + weight * load(value + v * kLanes));
     }
@@ -106,16 +112,16 @@ void attend(const float* q, const KV* k_cache, const KV* v_cache, const int64_t*
 // a V row is widened 32 values per 2 ops, into even and odd lanes, once for its group of heads.
 
 // sums[i] = the lane sum of a[i]: halving steps that each merge two vectors' halves.
-inline v16 lane_sums(v16 (&a)[kLanes]) {
-  const i16 lo1{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const i16 hi1{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-  const i16 lo2{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-  const i16 hi2{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-  const i16 lo3{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-  const i16 hi3{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
-  const i16 lo4{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  const i16 hi4{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-  v16 b[8], c[4], d[2];
+inline vec lane_sums(vec (&a)[kLanes]) {
+  const ivec lo1{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const ivec hi1{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const ivec lo2{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const ivec hi2{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  const ivec lo3{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const ivec hi3{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+  const ivec lo4{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const ivec hi4{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  vec b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i) b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], lo1) + __builtin_shuffle(a[2 * i], a[2 * i + 1], hi1);
   for (int i = 0; i < 4; ++i) c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], lo2) + __builtin_shuffle(b[2 * i], b[2 * i + 1], hi2);
   for (int i = 0; i < 2; ++i) d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], lo3) + __builtin_shuffle(c[2 * i], c[2 * i + 1], hi3);
@@ -129,14 +135,14 @@ constexpr int64_t kValueBlock = 16;  // positions: one cache block's V rows (8 K
 template <int NH>
 void accumulate_values(const at::BFloat16* v_cache, const int64_t* slots, int64_t begin, int64_t end, int64_t row,
                        int64_t offset, const float* weights, int64_t length, float* dst, int64_t dim) {
-  v16 even_sum[NH], odd_sum[NH];
+  vec even_sum[NH], odd_sum[NH];
   for (int h = 0; h < NH; ++h) even_sum[h] = load(dst + h * dim), odd_sum[h] = load(dst + h * dim + kLanes);
   for (int64_t pos = begin; pos < end; ++pos) {
-    const u16 raw = (u16)(_mm512_loadu_si512(v_cache + slots[pos] * row + offset));
-    const u16 even_bits = raw << 16, odd_bits = raw & 0xFFFF0000u;
-    const v16 even = reinterpret_cast<const v16&>(even_bits), odd = reinterpret_cast<const v16&>(odd_bits);
+    const uvec raw = (uvec)(_mm512_loadu_si512(v_cache + slots[pos] * row + offset));
+    const uvec even_bits = raw << 16, odd_bits = raw & 0xFFFF0000u;
+    const vec even = reinterpret_cast<const vec&>(even_bits), odd = reinterpret_cast<const vec&>(odd_bits);
     for (int h = 0; h < NH; ++h) {
-      const v16 weight = broadcast(weights[h * length + pos]);
+      const vec weight = broadcast(weights[h * length + pos]);
       even_sum[h] += weight * even;
       odd_sum[h] += weight * odd;
     }
@@ -150,7 +156,7 @@ void attend_bf16(const at::BFloat16* q, const at::BFloat16* k_cache, const at::B
   // Scores position-major: each 16 (position, head) pairs in a row are one reduction.
   const int64_t pairs = length * heads;
   std::vector<float> by_position((pairs + kLanes - 1) / kLanes * kLanes);
-  v16 partial[kLanes];  // a score's 16 lane products each
+  vec partial[kLanes];  // a score's 16 lane products each
   int filled = 0;
   float* next = by_position.data();
   for (int64_t j = 0; j < length; ++j) {
@@ -160,9 +166,9 @@ void attend_bf16(const at::BFloat16* q, const at::BFloat16* k_cache, const at::B
       const at::BFloat16* key = key_row + g * dim;
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         const at::BFloat16* query = q + h * dim;
-        v16 sum{};
+        vec sum{};
         for (int64_t v = 0; v < pieces; ++v)
-          sum = (v16)_mm512_dpbf16_ps((__m512)sum, load_pairs(key + v * 2 * kLanes), load_pairs(query + v * 2 * kLanes));
+          sum = (vec)_mm512_dpbf16_ps((__m512)sum, load_pairs(key + v * 2 * kLanes), load_pairs(query + v * 2 * kLanes));
         partial[filled] = sum;
         if (++filled == kLanes) {
           store(next, lane_sums(partial) * scale);
@@ -173,7 +179,7 @@ void attend_bf16(const at::BFloat16* q, const at::BFloat16* k_cache, const at::B
     }
   }
   if (filled > 0) {
-    for (int i = filled; i < kLanes; ++i) partial[i] = v16{};
+    for (int i = filled; i < kLanes; ++i) partial[i] = vec{};
     store(next, lane_sums(partial) * scale);
   }
   std::vector<float> scores(heads * length);  // [head, position]
@@ -200,10 +206,10 @@ void attend_bf16(const at::BFloat16* q, const at::BFloat16* k_cache, const at::B
           }
         }
   }
-  const i16 first{0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-  const i16 second{8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const ivec first{0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  const ivec second{8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   for (int64_t i = 0; i < heads * dim; i += 2 * kLanes) {
-    const v16 even = load(acc.data() + i), odd = load(acc.data() + i + kLanes);
+    const vec even = load(acc.data() + i), odd = load(acc.data() + i + kLanes);
     store(out + i, __builtin_shuffle(even, odd, first));
     store(out + i + kLanes, __builtin_shuffle(even, odd, second));
   }
@@ -242,7 +248,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
               "KV cache must be fp32 or bf16");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == q.size(0),
               "slots must be contiguous int64 [n, L]");
-  TORCH_CHECK(q.size(2) % kLanes == 0 && k_cache.size(2) == q.size(2), "head_dim must match and be a multiple of 16");
+  TORCH_CHECK(q.size(2) % kLanes == 0 && k_cache.size(2) == q.size(2), "head_dim must match and be a multiple of ", kLanes);
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
   auto lengths_cpu = lengths.to(at::kLong).contiguous();
   std::vector<int64_t> lens(lengths_cpu.data_ptr<int64_t>(), lengths_cpu.data_ptr<int64_t>() + lengths_cpu.numel());

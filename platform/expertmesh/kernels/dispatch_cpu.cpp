@@ -31,7 +31,7 @@ void combine_rows(const T* routed, const int64_t* rows_of, const T* shared, int6
       std::sort(rows, rows + k);  // index_add_'s order: the batch's row order
       T* dst = out + t * hidden;
       for (int64_t c = 0; c < hidden; c += kLanes) {
-        v16 acc{};
+        vec acc{};
         for (int64_t j = 0; j < k; ++j) acc += load(routed + rows[j] * hidden + c);
         acc = as_stored<T>(acc);
         if (shared != nullptr) acc = as_stored<T>(acc + load(shared + t * hidden + c));

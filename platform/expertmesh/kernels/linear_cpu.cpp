@@ -17,17 +17,18 @@ namespace expertmesh {
 namespace {
 
 constexpr int kColumns = 4;
-constexpr int kMaxRowTile = 6;  // 6 rows x 4 columns = 24 accumulators (measured: better than 8 x 3)
+// Rows x 4 columns of accumulators: AVX-512 6 x 4 (measured: better than 8 x 3), AVX2 3 x 4.
+constexpr int kMaxRowTile = kAccumulators / kColumns;
 
 template <int MT, typename T>
 void dot_tile(const T* x, int64_t ldx, const T* w, int64_t ldw, int64_t columns, int64_t depth, T* y, int64_t ldy,
               const T* bias) {
-  v16 acc[MT][kColumns] = {};
+  vec acc[MT][kColumns] = {};
   for (int64_t k = 0; k < depth; k += kLanes) {
-    v16 wv[kColumns];
-    for (int c = 0; c < kColumns; ++c) wv[c] = c < columns ? load(w + c * ldw + k) : v16{};
+    vec wv[kColumns];
+    for (int c = 0; c < kColumns; ++c) wv[c] = c < columns ? load(w + c * ldw + k) : vec{};
     for (int m = 0; m < MT; ++m) {
-      const v16 xv = load(x + m * ldx + k);
+      const vec xv = load(x + m * ldx + k);
       for (int c = 0; c < kColumns; ++c) acc[m][c] += xv * wv[c];
     }
   }
@@ -48,7 +49,7 @@ void column_block(const T* x, int64_t rows, const T* w, int64_t columns, int64_t
       case 3: dot_tile<3>(xr, depth, w, depth, columns, depth, yr, ldy, bias); break;
       case 4: dot_tile<4>(xr, depth, w, depth, columns, depth, yr, ldy, bias); break;
       case 5: dot_tile<5>(xr, depth, w, depth, columns, depth, yr, ldy, bias); break;
-      default: dot_tile<6>(xr, depth, w, depth, columns, depth, yr, ldy, bias); break;
+      default: dot_tile<kMaxRowTile>(xr, depth, w, depth, columns, depth, yr, ldy, bias); break;
     }
   }
 }
@@ -86,7 +87,7 @@ at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tenso
               "weight must be contiguous [N, K] in x's dtype");
   const int64_t rows = x.size(0), depth = x.size(1), columns = weight.size(0);
   TORCH_CHECK(weight.size(1) == depth, "weight's in-features must match x");
-  TORCH_CHECK(depth % kLanes == 0, "in-features must be a multiple of 16");
+  TORCH_CHECK(depth % kLanes == 0, "in-features must be a multiple of ", kLanes);
   auto y = at::empty({rows, columns}, x.options());
   if (x.scalar_type() == at::kFloat) {
     small_linear_rows(x.data_ptr<float>(), rows, weight.data_ptr<float>(), columns, depth,
@@ -102,31 +103,36 @@ at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tenso
 //
 // At 32 rows the dot-product kernel above is compute-bound and pays a horizontal sum per
 // output. Packed as [N / C, K, C], a column block is one contiguous stream; per input
-// feature k the tile loads C / 16 weight vectors and broadcasts x[m, k] for each of its
+// feature k the tile loads C / kLanes weight vectors and broadcasts x[m, k] for each of its
 // rows, so every FMA lands on a register accumulator and nothing is reduced at the end.
+// A tile is kPackedRowTile rows by up to kBlockVectors vectors of columns, the accumulators
+// the ISA's registers hold: AVX-512 6 x 4 vectors (6 x 64 columns), AVX2 6 x 2 (6 x 16, the
+// shape of BLIS's Haswell kernel).
 //
 // bf16 weights are packed in k pairs for the CPU's bf16 dot-product instruction, as
 // [N / C, K / 2, C, 2]: per pair of inputs a tile loads C / 16 vectors of 16 columns' weight
-// pairs and broadcasts x[m, k:k+2] as one 32-bit value (see dot_pairs in simd.h).
+// pairs and broadcasts x[m, k:k+2] as one 32-bit value (see dot_pairs in simd.h). On a CPU
+// without it, bf16 weights keep fp32's layout and are widened as they are loaded: half the
+// bytes of fp32 to stream, the same FMAs.
 
 namespace {
 
-constexpr int kPackedRowTile = 6;  // 6 rows x 4 vectors = 24 accumulators
+constexpr int kPackedRowTile = 6;
+constexpr int kBlockVectors = kAccumulators / kPackedRowTile;
 
-int64_t packed_block_width(int64_t columns) {
-  return columns % (4 * kLanes) == 0 ? 4 * kLanes : (columns % (2 * kLanes) == 0 ? 2 * kLanes : kLanes);
-}
+int64_t packed_block_width(int64_t columns) { return widest_dividing(columns, kBlockVectors) * kLanes; }
 
-// One tile: MT rows of x against one packed column block (fp32, or bf16 pair-packed).
-template <int MT, int NV, typename T>
-void packed_tile(const T* x, int64_t depth, const T* w, T* y, int64_t ldy, const T* bias) {
-  v16 acc[MT][NV] = {};
-  if constexpr (std::is_same_v<T, float>) {
+// One tile: MT rows of x against one packed column block: fp32 rows against fp32 or widened
+// bf16 weights (W), or bf16 rows against bf16 pair-packed weights (Pairs); y and bias of type T.
+template <int MT, int NV, bool Pairs, typename X, typename W, typename T>
+void packed_tile(const X* x, int64_t depth, const W* w, T* y, int64_t ldy, const T* bias) {
+  vec acc[MT][NV] = {};
+  if constexpr (!Pairs) {
     for (int64_t k = 0; k < depth; ++k) {
-      v16 wv[NV];
+      vec wv[NV];
       for (int v = 0; v < NV; ++v) wv[v] = load(w + k * NV * kLanes + v * kLanes);
       for (int m = 0; m < MT; ++m) {
-        const v16 xm = broadcast(x[m * depth + k]);
+        const vec xm = broadcast(x[m * depth + k]);
         for (int v = 0; v < NV; ++v) acc[m][v] += xm * wv[v];
       }
     }
@@ -136,38 +142,53 @@ void packed_tile(const T* x, int64_t depth, const T* w, T* y, int64_t ldy, const
 #endif
   }
   for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * kLanes, acc[m][v] + (bias ? load(bias + v * kLanes) : v16{}));
+    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * kLanes, acc[m][v] + (bias ? load(bias + v * kLanes) : vec{}));
 }
 
-template <int NV, typename T>
-void packed_block(const T* x, int64_t rows, int64_t depth, const T* w, T* y, int64_t ldy, const T* bias) {
+template <int NV, bool Pairs, typename X, typename W, typename T>
+void packed_block(const X* x, int64_t rows, int64_t depth, const W* w, T* y, int64_t ldy, const T* bias) {
   for (int64_t r = 0; r < rows; r += kPackedRowTile) {
-    const T* xr = x + r * depth;
+    const X* xr = x + r * depth;
     T* yr = y + r * ldy;
     switch (std::min<int64_t>(kPackedRowTile, rows - r)) {
-      case 1: packed_tile<1, NV>(xr, depth, w, yr, ldy, bias); break;
-      case 2: packed_tile<2, NV>(xr, depth, w, yr, ldy, bias); break;
-      case 3: packed_tile<3, NV>(xr, depth, w, yr, ldy, bias); break;
-      case 4: packed_tile<4, NV>(xr, depth, w, yr, ldy, bias); break;
-      case 5: packed_tile<5, NV>(xr, depth, w, yr, ldy, bias); break;
-      default: packed_tile<6, NV>(xr, depth, w, yr, ldy, bias); break;
+      case 1: packed_tile<1, NV, Pairs>(xr, depth, w, yr, ldy, bias); break;
+      case 2: packed_tile<2, NV, Pairs>(xr, depth, w, yr, ldy, bias); break;
+      case 3: packed_tile<3, NV, Pairs>(xr, depth, w, yr, ldy, bias); break;
+      case 4: packed_tile<4, NV, Pairs>(xr, depth, w, yr, ldy, bias); break;
+      case 5: packed_tile<5, NV, Pairs>(xr, depth, w, yr, ldy, bias); break;
+      default: packed_tile<6, NV, Pairs>(xr, depth, w, yr, ldy, bias); break;
     }
   }
 }
 
+template <bool Pairs, typename X, typename W, typename T>
+void packed_block_of_width(const X* x, int64_t rows, int64_t depth, const W* w, int64_t width, T* y, int64_t ldy,
+                           const T* bias) {
+  switch (width / kLanes) {
+    case kBlockVectors: packed_block<kBlockVectors, Pairs>(x, rows, depth, w, y, ldy, bias); break;
+    case kBlockVectors / 2: packed_block<kBlockVectors / 2, Pairs>(x, rows, depth, w, y, ldy, bias); break;
+    default: packed_block<1, Pairs>(x, rows, depth, w, y, ldy, bias); break;
+  }
+}
+
 // y = x W^T + b over every column block of a packed weight, blocks handed out dynamically.
-template <typename T>
-void packed_rows(const T* x, int64_t rows, int64_t depth, const T* packed, int64_t blocks, int64_t width,
+// Widened bf16 weights are widened once a block where more than one row tile reads it.
+template <bool Pairs, typename X, typename W, typename T>
+void packed_rows(const X* x, int64_t rows, int64_t depth, const W* packed, int64_t blocks, int64_t width,
                  const T* bias, T* y) {
   const int64_t columns = blocks * width;
   dynamic_for(blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
-      const T* w = packed + block * depth * width;
+      const W* w = packed + block * depth * width;
       T* yb = y + block * width;
       const T* bb = bias ? bias + block * width : nullptr;
-      if (width == 4 * kLanes) packed_block<4>(x, rows, depth, w, yb, columns, bb);
-      else if (width == 2 * kLanes) packed_block<2>(x, rows, depth, w, yb, columns, bb);
-      else packed_block<1>(x, rows, depth, w, yb, columns, bb);
+      if constexpr (!Pairs && std::is_same_v<W, at::BFloat16>) {
+        if (rows > kPackedRowTile) {
+          packed_block_of_width<Pairs>(x, rows, depth, widen_to_scratch(w, depth * width), width, yb, columns, bb);
+          continue;
+        }
+      }
+      packed_block_of_width<Pairs>(x, rows, depth, w, width, yb, columns, bb);
     }
   });
 }
@@ -176,19 +197,20 @@ void packed_rows(const T* x, int64_t rows, int64_t depth, const T* packed, int64
 
 bool has_bf16_dot() { return kHasBf16Dot; }
 
-// weight [N, K] (N a multiple of 16) -> fp32: [N / C, K, C]; bf16: [N / C, K / 2, C, 2]
-// (K even, and a CPU with bf16 dot products); C the block width packed_linear uses.
+// weight [N, K] (N a multiple of kLanes) -> fp32, or bf16 on a CPU without bf16 dot products:
+// [N / C, K, C]; bf16 with them: [N / C, K / 2, C, 2] (K even); C the block width
+// packed_linear uses.
 at::Tensor pack_linear(at::Tensor weight) {
   TORCH_CHECK(weight.dim() == 2, "weight must be [N, K]");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+              "weight must be fp32 or bf16");
   const int64_t columns = weight.size(0), depth = weight.size(1);
-  TORCH_CHECK(columns % kLanes == 0, "out-features must be a multiple of 16 to pack");
+  TORCH_CHECK(columns % kLanes == 0, "out-features must be a multiple of ", kLanes, " to pack");
   const int64_t width = packed_block_width(columns);
-  if (weight.scalar_type() == at::kBFloat16) {
-    TORCH_CHECK(kHasBf16Dot, "bf16 packing needs a CPU with AVX512-BF16");
+  if (weight.scalar_type() == at::kBFloat16 && kHasBf16Dot) {
     TORCH_CHECK(depth % 2 == 0, "in-features must be even to pack bf16 weights");
     return weight.view({columns / width, width, depth / 2, 2}).permute({0, 2, 1, 3}).contiguous();
   }
-  TORCH_CHECK(weight.scalar_type() == at::kFloat, "weight must be fp32 or bf16");
   return weight.view({columns / width, width, depth}).transpose(1, 2).contiguous();
 }
 
@@ -197,28 +219,31 @@ at::Tensor packed_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tens
   TORCH_CHECK(x.is_contiguous() && x.dim() == 2, "x must be contiguous [M, K]");
   TORCH_CHECK(packed.scalar_type() == x.scalar_type() && packed.is_contiguous(),
               "packed weight must come from pack_linear, in x's dtype");
-  const bool pairs = x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(pairs || x.scalar_type() == at::kFloat, "x must be fp32 or bf16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+  const bool pairs = x.scalar_type() == at::kBFloat16 && kHasBf16Dot;
   TORCH_CHECK(packed.dim() == (pairs ? 4 : 3), "packed weight must come from pack_linear");
   const int64_t rows = x.size(0), depth = x.size(1), blocks = packed.size(0);
   const int64_t width = packed.size(2), columns = blocks * width;
   TORCH_CHECK((pairs ? 2 * packed.size(1) : packed.size(1)) == depth && width == packed_block_width(columns),
               "packed weight does not match x");
   auto y = at::empty({rows, columns}, x.options());
-  if (pairs) {
-    TORCH_CHECK(kHasBf16Dot, "bf16 packed_linear needs a CPU with AVX512-BF16");
-    const at::BFloat16* bias_ptr = bias_data<at::BFloat16>(bias, columns);
-    if (tiles::available() && depth % tiles::kDepth == 0) {  // the same pairs, read by the tile unit
-      const at::Tensor padded = tiles::readable_rows(x, rows % tiles::kRows != 0);
-      tile_linear_bf16(padded.data_ptr<at::BFloat16>(), rows, depth, packed.data_ptr<at::BFloat16>(), columns, width,
+  if (x.scalar_type() == at::kFloat) {
+    packed_rows<false>(x.data_ptr<float>(), rows, depth, packed.data_ptr<float>(), blocks, width,
+                       bias_data<float>(bias, columns), y.data_ptr<float>());
+    return y;
+  }
+  const at::BFloat16* bias_ptr = bias_data<at::BFloat16>(bias, columns);
+  if (pairs && tiles::available() && depth % tiles::kDepth == 0) {  // the same pairs, read by the tile unit
+    const at::Tensor padded = tiles::readable_rows(x, rows % tiles::kRows != 0);
+    tile_linear_bf16(padded.data_ptr<at::BFloat16>(), rows, depth, packed.data_ptr<at::BFloat16>(), columns, width,
+                     bias_ptr, y.data_ptr<at::BFloat16>());
+  } else if (pairs) {
+    packed_rows<true>(x.data_ptr<at::BFloat16>(), rows, depth, packed.data_ptr<at::BFloat16>(), blocks, width,
+                      bias_ptr, y.data_ptr<at::BFloat16>());
+  } else {  // rows widened once up front: a bf16 broadcast per row and input would cost more than its FMAs
+    const at::Tensor x_float = x.to(at::kFloat);
+    packed_rows<false>(x_float.data_ptr<float>(), rows, depth, packed.data_ptr<at::BFloat16>(), blocks, width,
                        bias_ptr, y.data_ptr<at::BFloat16>());
-    } else {
-      packed_rows(x.data_ptr<at::BFloat16>(), rows, depth, packed.data_ptr<at::BFloat16>(), blocks, width, bias_ptr,
-                  y.data_ptr<at::BFloat16>());
-    }
-  } else {
-    packed_rows(x.data_ptr<float>(), rows, depth, packed.data_ptr<float>(), blocks, width,
-                bias_data<float>(bias, columns), y.data_ptr<float>());
   }
   return y;
 }

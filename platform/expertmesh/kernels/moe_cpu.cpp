@@ -6,9 +6,11 @@
 // weights exactly once, keeps up to MT rows in registers, and splits the
 // (expert, column block) tiles across torch's own intra-op threads.
 //
-// Written with GCC vector extensions so the compiler picks the widest SIMD the
-// machine has (-march=native): AVX-512 here, AVX2 elsewhere. bf16 weights are
-// widened to fp32 on load; accumulation is always fp32.
+// Written with GCC vector extensions over the ISA level's own vector width (simd.h);
+// each phase's tile takes as many columns as the level's registers hold accumulators
+// for: AVX-512 6 rows x 4 vectors, AVX2 6 rows x 2. bf16 weights are widened to fp32 on
+// load, or multiplied in pairs where the CPU has bf16 dot products; accumulation is
+// always fp32.
 
 #include <ATen/Parallel.h>
 
@@ -22,29 +24,36 @@
 namespace expertmesh {
 namespace {
 
-constexpr int kMaxRowTile = 6;  // rows kept in registers: 6 rows x 4 vectors = 24 accumulators
-constexpr int64_t kPrefetchRows = 16;  // a packed fp32 block's rows are 256 B: 16 of them, a 4 KB page
+constexpr int kMaxRowTile = 6;  // rows kept in registers, times a tile's vectors of columns
+constexpr int64_t kPrefetchBytes = 4096;  // how far ahead a tile asks for its block's rows: a page
+
+// Rows of a weight block `ldw` weights wide that span kPrefetchBytes (at least one).
+template <typename W>
+int64_t rows_ahead(int64_t ldw) {
+  return std::max<int64_t>(1, kPrefetchBytes / (ldw * static_cast<int64_t>(sizeof(W))));
+}
 
 // act[m, j] = silu(x[m] . Wg[:, j]) * (x[m] . Wu[:, j]) for NV*16 columns j: row k of the
 // block holds its gate columns at w + k * ldw and its up columns `up_offset` further.
 template <int MT, int NV, typename W>
 void gate_up_tile(const float* x, int64_t hidden, const W* w, int64_t ldw, int64_t up_offset, int64_t inter,
                   float* act) {
-  v16 gate[MT][NV] = {};
-  v16 up[MT][NV] = {};
+  vec gate[MT][NV] = {};
+  vec up[MT][NV] = {};
+  const int64_t ahead = rows_ahead<W>(ldw);
   for (int64_t k = 0; k < hidden; ++k) {
     const W* row = w + k * ldw;
-    if (k + kPrefetchRows < hidden) {
-      prefetch(row + kPrefetchRows * ldw, NV * kLanes * sizeof(W));
-      prefetch(row + kPrefetchRows * ldw + up_offset, NV * kLanes * sizeof(W));
+    if (k + ahead < hidden) {
+      prefetch(row + ahead * ldw, NV * kLanes * sizeof(W));
+      prefetch(row + ahead * ldw + up_offset, NV * kLanes * sizeof(W));
     }
-    v16 wg[NV], wu[NV];
+    vec wg[NV], wu[NV];
     for (int v = 0; v < NV; ++v) {
       wg[v] = load(row + v * kLanes);
       wu[v] = load(row + up_offset + v * kLanes);
     }
     for (int m = 0; m < MT; ++m) {
-      v16 xm = broadcast(x[m * hidden + k]);
+      vec xm = broadcast(x[m * hidden + k]);
       for (int v = 0; v < NV; ++v) {
         gate[m][v] += xm * wg[v];
         up[m][v] += xm * wu[v];
@@ -59,19 +68,20 @@ void gate_up_tile(const float* x, int64_t hidden, const W* w, int64_t ldw, int64
 template <int MT, int NV, typename W>
 void down_tile(const float* act, int64_t inter, const W* w, int64_t ldw, int64_t hidden, const float* row_weight,
                float* out) {
-  v16 acc[MT][NV] = {};
+  vec acc[MT][NV] = {};
+  const int64_t ahead = rows_ahead<W>(ldw);
   for (int64_t k = 0; k < inter; ++k) {
     const W* row = w + k * ldw;
-    if (k + kPrefetchRows < inter) prefetch(row + kPrefetchRows * ldw, NV * kLanes * sizeof(W));
-    v16 wd[NV];
+    if (k + ahead < inter) prefetch(row + ahead * ldw, NV * kLanes * sizeof(W));
+    vec wd[NV];
     for (int v = 0; v < NV; ++v) wd[v] = load(row + v * kLanes);
     for (int m = 0; m < MT; ++m) {
-      v16 am = broadcast(act[m * inter + k]);
+      vec am = broadcast(act[m * inter + k]);
       for (int v = 0; v < NV; ++v) acc[m][v] += am * wd[v];
     }
   }
   for (int m = 0; m < MT; ++m) {
-    v16 scale = broadcast(row_weight[m]);
+    vec scale = broadcast(row_weight[m]);
     for (int v = 0; v < NV; ++v) store(out + m * hidden + v * kLanes, acc[m][v] * scale);
   }
 }
@@ -84,7 +94,7 @@ template <int MT, int NV>
 void gate_up_pairs_tile(const at::BFloat16* x, int64_t hidden, const at::BFloat16* w, int64_t, int64_t, int64_t inter,
                         at::BFloat16* act) {
   // per pair of inputs the block holds NV gate vectors, then NV up vectors: 2 * NV in a row
-  v16 acc[MT][2 * NV] = {};
+  vec acc[MT][2 * NV] = {};
   accumulate_pairs(acc, x, hidden, w, hidden);
   for (int m = 0; m < MT; ++m)
     for (int v = 0; v < NV; ++v) store(act + m * inter + v * kLanes, silu(acc[m][v]) * acc[m][NV + v]);
@@ -93,10 +103,10 @@ void gate_up_pairs_tile(const at::BFloat16* x, int64_t hidden, const at::BFloat1
 template <int MT, int NV>
 void down_pairs_tile(const at::BFloat16* act, int64_t inter, const at::BFloat16* w, int64_t, int64_t hidden,
                      const float* row_weight, float* out) {
-  v16 acc[MT][NV] = {};
+  vec acc[MT][NV] = {};
   accumulate_pairs(acc, act, inter, w, inter);
   for (int m = 0; m < MT; ++m) {
-    v16 scale = broadcast(row_weight[m]);
+    vec scale = broadcast(row_weight[m]);
     for (int v = 0; v < NV; ++v) store(out + m * hidden + v * kLanes, acc[m][v] * scale);
   }
 }
@@ -185,6 +195,10 @@ struct Pairs {
 };
 #endif
 
+// Whether a kind's weights are bf16 widened to fp32 as they are read (see widen_to_scratch).
+template <class Kind>
+constexpr bool kWidens = std::is_same_v<typename Kind::Row, float> && std::is_same_v<typename Kind::Weight, at::BFloat16>;
+
 struct Job {
   int64_t expert;
   int64_t column;  // first output column of this tile
@@ -201,13 +215,16 @@ std::vector<Job> jobs_for(const std::vector<int64_t>& offsets, int64_t columns, 
 }
 
 // Which column-block widths (in vectors) the kernel uses for these sizes: the up phase
-// NV1 * 16 intermediate columns a job, the down phase NV2 * 16 hidden columns a job.
+// NV1 * kLanes intermediate columns a job (gate and up: 2 * NV1 accumulators a row), the
+// down phase NV2 * kLanes hidden columns a job; the widest the level's accumulators hold.
 struct Widths {
   int up, down;
 };
 
+constexpr int kUpVectors = kAccumulators / (2 * kMaxRowTile), kDownVectors = kAccumulators / kMaxRowTile;
+
 Widths widths_for(int64_t hidden, int64_t inter) {
-  return {inter % (2 * kLanes) == 0 ? 2 : 1, hidden % (4 * kLanes) == 0 ? 4 : (hidden % (2 * kLanes) == 0 ? 2 : 1)};
+  return {widest_dividing(inter, kUpVectors), widest_dividing(hidden, kDownVectors)};
 }
 
 // `packed`: the weights are in pack_experts' layout, so each job's block is one contiguous
@@ -226,9 +243,17 @@ void run_experts(const X* x, const std::vector<int64_t>& offsets, const W* gate_
       const int64_t first = offsets[job.expert];
       const W* w = packed ? gate_up + (job.expert * (inter / kUp) + job.column / kUp) * hidden * 2 * kUp
                           : gate_up + job.expert * hidden * 2 * inter + job.column;
-      over_row_tiles<Kind::template Up<NV1>::template Tile>(offsets[job.expert + 1] - first, x + first * hidden,
-                                                            hidden, w, up_ldw, up_offset, inter,
-                                                            act + first * inter + job.column);
+      const int64_t rows = offsets[job.expert + 1] - first;
+      if constexpr (kWidens<Kind>) {
+        if (packed && rows > kMaxRowTile) {
+          over_row_tiles<GateUp<NV1, float>::template Tile>(rows, x + first * hidden, hidden,
+                                                            widen_to_scratch(w, hidden * 2 * kUp), up_ldw, up_offset,
+                                                            inter, act + first * inter + job.column);
+          continue;
+        }
+      }
+      over_row_tiles<Kind::template Up<NV1>::template Tile>(rows, x + first * hidden, hidden, w, up_ldw, up_offset,
+                                                            inter, act + first * inter + job.column);
     }
   });
   auto down_jobs = jobs_for(offsets, hidden, kDown);
@@ -238,9 +263,17 @@ void run_experts(const X* x, const std::vector<int64_t>& offsets, const W* gate_
       const int64_t first = offsets[job.expert];
       const W* w = packed ? down + (job.expert * (hidden / kDown) + job.column / kDown) * inter * kDown
                           : down + job.expert * inter * hidden + job.column;
-      over_row_tiles<Kind::template Dn<NV2>::template Tile>(offsets[job.expert + 1] - first, act + first * inter,
-                                                            inter, w, down_ldw, hidden, row_weight + first,
-                                                            out + first * hidden + job.column);
+      const int64_t rows = offsets[job.expert + 1] - first;
+      if constexpr (kWidens<Kind>) {
+        if (packed && rows > kMaxRowTile) {
+          over_row_tiles<Down<NV2, float>::template Tile>(rows, act + first * inter, inter,
+                                                          widen_to_scratch(w, inter * kDown), down_ldw, hidden,
+                                                          row_weight + first, out + first * hidden + job.column);
+          continue;
+        }
+      }
+      over_row_tiles<Kind::template Dn<NV2>::template Tile>(rows, act + first * inter, inter, w, down_ldw, hidden,
+                                                            row_weight + first, out + first * hidden + job.column);
     }
   });
 }

@@ -61,16 +61,16 @@ void rms_norm_rows(const T* x, const T* delta, const T* weight, int64_t rows, in
       const T* src = x + r * hidden;
       const T* add = delta ? delta + r * hidden : nullptr;
       T* summed = sum_out ? sum_out + r * hidden : nullptr;
-      v16 squares{};
+      vec squares{};
       for (int64_t c = 0; c < hidden; c += kLanes) {
-        v16 v = load(src + c);
+        vec v = load(src + c);
         if (add) {
           v = as_stored<T>(v + load(add + c));
           store(summed + c, v);
         }
         squares += v * v;
       }
-      const v16 scale = broadcast(1.0f / std::sqrt(sum_lanes(squares) / hidden + eps));
+      const vec scale = broadcast(1.0f / std::sqrt(sum_lanes(squares) / hidden + eps));
       const T* normed_src = add ? summed : src;
       for (int64_t c = 0; c < hidden; c += kLanes) {
         store(out + r * hidden + c, as_stored<T>(load(weight + c) * as_stored<T>(load(normed_src + c) * scale)));
@@ -85,9 +85,9 @@ void rms_norm_rows(const T* x, const T* delta, const T* weight, int64_t rows, in
 template <typename T>
 void rotate_head(T* x, const T* cos, const T* sin, int64_t half) {
   for (int64_t i = 0; i < half; i += kLanes) {
-    const v16 a = load(x + i), b = load(x + half + i);
-    const v16 first = as_stored<T>(as_stored<T>(a * load(cos + i)) - as_stored<T>(b * load(sin + i)));
-    const v16 second = as_stored<T>(as_stored<T>(b * load(cos + half + i)) + as_stored<T>(a * load(sin + half + i)));
+    const vec a = load(x + i), b = load(x + half + i);
+    const vec first = as_stored<T>(as_stored<T>(a * load(cos + i)) - as_stored<T>(b * load(sin + i)));
+    const vec second = as_stored<T>(as_stored<T>(b * load(cos + half + i)) + as_stored<T>(a * load(sin + half + i)));
     store(x + i, first);
     store(x + half + i, second);
   }

@@ -1,5 +1,11 @@
-// 16-lane fp32 vectors through GCC vector extensions: with -march=native the compiler
-// emits the machine's widest SIMD (one AVX-512 register, or two AVX2 ones).
+// fp32 vectors as wide as the CPU's vector registers, through GCC vector extensions, and
+// the register budget a kernel's tile may spend on accumulators.
+//
+// Each ISA level is its own build (see isa.py): the compiler is told the level, and the
+// kernels size their register tiles from kLanes and kVectorRegisters, so no level runs a
+// design that another level's registers were counted for. AVX-512: 16 fp32 lanes, 32
+// registers. AVX2 + FMA, and any CPU the kernels know no level of (the portable build):
+// 8 lanes, 16 registers (NEON's 32 128-bit registers hold 16 such vectors).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include <cstdint>
 
@@ -17,46 +24,68 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__AVX512F__)
+#define EXPERTMESH_LANES 16
+#define EXPERTMESH_VECTOR_REGISTERS 32
+#else
+#define EXPERTMESH_LANES 8
+#define EXPERTMESH_VECTOR_REGISTERS 16
+#endif
+
 namespace expertmesh {
 
-constexpr int kLanes = 16;
+constexpr int kLanes = EXPERTMESH_LANES;
+constexpr int kVectorRegisters = EXPERTMESH_VECTOR_REGISTERS;
+// Accumulators a register tile may hold: three quarters of the registers, leaving the rest
+// for the weight vectors loaded per step and the broadcast input (AVX-512: 24, AVX2: 12).
+constexpr int kAccumulators = kVectorRegisters * 3 / 4;
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16_unaligned __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t h16_unaligned __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u16 __attribute__((vector_size(64)));
+typedef float vec __attribute__((vector_size(4 * EXPERTMESH_LANES)));
+typedef float vec_unaligned __attribute__((vector_size(4 * EXPERTMESH_LANES), aligned(4)));
+typedef uint16_t hvec_unaligned __attribute__((vector_size(2 * EXPERTMESH_LANES), aligned(2)));
+typedef uint32_t uvec __attribute__((vector_size(4 * EXPERTMESH_LANES)));
+typedef int32_t ivec __attribute__((vector_size(4 * EXPERTMESH_LANES)));
+typedef uint16_t hvec __attribute__((vector_size(2 * EXPERTMESH_LANES)));
 
-inline v16 load(const float* p) { return *reinterpret_cast<const v16_unaligned*>(p); }
-
-inline v16 load(const at::BFloat16* p) {
-  // bf16 is the top half of an fp32: widen and shift.
-  auto half = *reinterpret_cast<const h16_unaligned*>(p);
-  u16 wide = __builtin_convertvector(half, u16) << 16;
-  return reinterpret_cast<v16&>(wide);
+// The widest of max_vectors, max_vectors / 2, ..., 1 vectors whose columns divide n: a tile's
+// width where n columns split into equal tiles.
+inline int widest_dividing(int64_t n, int max_vectors) {
+  for (int v = max_vectors; v > 1; v /= 2)
+    if (n % (v * kLanes) == 0) return v;
+  return 1;
 }
 
-inline void store(float* p, v16 v) { *reinterpret_cast<v16_unaligned*>(p) = v; }
+inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
+
+inline vec load(const at::BFloat16* p) {
+  // bf16 is the top half of an fp32: widen and shift.
+  auto half = *reinterpret_cast<const hvec_unaligned*>(p);
+  uvec wide = __builtin_convertvector(half, uvec) << 16;
+  return reinterpret_cast<vec&>(wide);
+}
+
+inline void store(float* p, vec v) { *reinterpret_cast<vec_unaligned*>(p) = v; }
 
 // x - 0 is x in every lane (0 + x would turn -0 into +0, so the compiler must compute it).
-inline v16 broadcast(float x) { return x - v16{}; }
+inline vec broadcast(float x) { return x - vec{}; }
 
-inline float sum_lanes(v16 v) {
+inline float sum_lanes(vec v) {
   float total = 0.0f;
   for (int l = 0; l < kLanes; ++l) total += v[l];
   return total;
 }
 
-// The largest of x[0, n), 16 lanes at a time (-inf for none). Only meaningful without NaNs
+// The largest of x[0, n), a vector at a time (-inf for none). Only meaningful without NaNs
 // (one can hide its lane's later values): `saw_nan`, when given, says whether there was one.
 inline float max_of(const float* x, int64_t n, bool* saw_nan = nullptr) {
   const int64_t whole = n / kLanes * kLanes;
   float best = -std::numeric_limits<float>::infinity();
   bool nan = false;
   if (whole > 0) {
-    v16 top = load(x);
+    vec top = load(x);
     auto nans = top != top;
     for (int64_t i = kLanes; i < whole; i += kLanes) {
-      const v16 v = load(x + i);
+      const vec v = load(x + i);
       top = v > top ? v : top;
       nans |= v != v;
     }
@@ -73,51 +102,48 @@ inline float max_of(const float* x, int64_t n, bool* saw_nan = nullptr) {
   return best;
 }
 
-typedef int32_t i16 __attribute__((vector_size(64)));
-typedef uint16_t h16 __attribute__((vector_size(32)));
-
 // Round to the nearest bf16 (ties to even), as torch does when it stores a bf16 result;
 // the value stays an fp32 with the low 16 bits clear.
-inline v16 round_to_bf16(v16 v) {
-  u16 bits = reinterpret_cast<u16&>(v);
+inline vec round_to_bf16(vec v) {
+  uvec bits = reinterpret_cast<uvec&>(v);
   bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-  return reinterpret_cast<v16&>(bits);
+  return reinterpret_cast<vec&>(bits);
 }
 
-inline void store(at::BFloat16* p, v16 v) {
-  v16 rounded = round_to_bf16(v);
-  *reinterpret_cast<h16_unaligned*>(p) = __builtin_convertvector(reinterpret_cast<u16&>(rounded) >> 16, h16);
+inline void store(at::BFloat16* p, vec v) {
+  vec rounded = round_to_bf16(v);
+  *reinterpret_cast<hvec_unaligned*>(p) = __builtin_convertvector(reinterpret_cast<uvec&>(rounded) >> 16, hvec);
 }
 
 // What a value of type T holds once stored: bf16 results are rounded at every step, as
 // torch's bf16 ops round each intermediate tensor.
 template <typename T>
-inline v16 as_stored(v16 v) {
+inline vec as_stored(vec v) {
   if constexpr (std::is_same_v<T, at::BFloat16>) return round_to_bf16(v);
   return v;
 }
 
-// exp over 16 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-6
+// exp over a vector's lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-6
 // polynomial for e^r (about 1 ulp); std::exp is one lane at a time.
-inline v16 exp(v16 x) {
-  const v16 lo = broadcast(-87.3f), hi = broadcast(88.7f);
+inline vec exp(vec x) {
+  const vec lo = broadcast(-87.3f), hi = broadcast(88.7f);
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const v16 magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  v16 n = (x * 1.44269504088896341f + magic) - magic;
-  v16 r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  v16 p = broadcast(1.9875691500e-4f);
+  const vec magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vec n = (x * 1.44269504088896341f + magic) - magic;
+  vec r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  vec p = broadcast(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  i16 scale = (__builtin_convertvector(n, i16) + 127) << 23;
-  return p * reinterpret_cast<v16&>(scale);
+  ivec scale = (__builtin_convertvector(n, ivec) + 127) << 23;
+  return p * reinterpret_cast<vec&>(scale);
 }
 
-inline v16 silu(v16 x) { return x / (1.0f + exp(-x)); }
+inline vec silu(vec x) { return x / (1.0f + exp(-x)); }
 
 // vdpbf16ps (AVX512-BF16) multiplies 16 pairs of bf16 and adds each pair's two products
 // to an fp32 lane. Weights packed in k pairs ([..., K / 2, columns, 2]) feed it straight from
@@ -133,14 +159,14 @@ typedef __m512bh pairs16;  // 16 (column) pairs of bf16 weights
 inline pairs16 load_pairs(const at::BFloat16* w) { return (pairs16)_mm512_loadu_si512(w); }
 
 // acc[l] += w[l].first * x[0] + w[l].second * x[1]; `x_pair` is x[0], x[1] as one 32-bit value.
-inline v16 dot_pairs(v16 acc, int32_t x_pair, pairs16 w) {
-  return (v16)_mm512_dpbf16_ps((__m512)acc, (pairs16)_mm512_set1_epi32(x_pair), w);
+inline vec dot_pairs(vec acc, int32_t x_pair, pairs16 w) {
+  return (vec)_mm512_dpbf16_ps((__m512)acc, (pairs16)_mm512_set1_epi32(x_pair), w);
 }
 
 // acc[m][v] += x[m] . W[:, v*16 .. v*16+15] for MT bf16 rows of x (row m at x + m * ldx) and a
 // pair-packed block W: per pair of inputs k, k+1, NV vectors of 16 columns' pairs.
 template <int MT, int NV>
-inline void accumulate_pairs(v16 (&acc)[MT][NV], const at::BFloat16* x, int64_t ldx, const at::BFloat16* w,
+inline void accumulate_pairs(vec (&acc)[MT][NV], const at::BFloat16* x, int64_t ldx, const at::BFloat16* w,
                              int64_t depth) {
   for (int64_t k = 0; k < depth; k += 2) {
     pairs16 wv[NV];
@@ -154,6 +180,16 @@ inline void accumulate_pairs(v16 (&acc)[MT][NV], const at::BFloat16* x, int64_t 
 #else
 constexpr bool kHasBf16Dot = false;
 #endif
+
+// w[0, n) (n a multiple of kLanes) widened to fp32 in this thread's scratch buffer, valid until
+// the thread's next call. Where a weight block without bf16 dot products meets more rows than
+// one register tile, widening it once costs less than widening it again for every tile.
+inline const float* widen_to_scratch(const at::BFloat16* w, int64_t n) {
+  thread_local std::vector<float> scratch;
+  scratch.resize(n);
+  for (int64_t i = 0; i < n; i += kLanes) store(scratch.data() + i, load(w + i));
+  return scratch.data();
+}
 
 // Ask for `bytes` from p into L1 ahead of their use. A kernel streaming a weight block from
 // memory row by row asks for the row a 4 KB page ahead: the hardware prefetchers stop at page

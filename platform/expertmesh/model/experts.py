@@ -12,7 +12,6 @@ backend sends each group's slice to that group's replica pool.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +19,7 @@ from typing import Protocol
 import torch
 
 from expertmesh.kernels import native_kernels
+from expertmesh.kernels.guard import use_native
 from expertmesh.model.layers import rows_ready, silu_and_mul
 
 
@@ -72,9 +72,11 @@ class Dispatch:
     rows_of: torch.Tensor | None = None  # [T, k]: each (token, choice)'s row; from the native kernel
 
 
-def _native_dispatch(hidden: torch.Tensor):
-    """The kernels, if they take these rows (see `rows_ready`)."""
-    return native_kernels() if rows_ready(hidden, hidden.shape[-1], 16) else None
+def _native_dispatch(rows: torch.Tensor, tokens: int):
+    """The kernels, if they take these rows (see `rows_ready`) and the guard keeps them for
+    this many tokens."""
+    ready = rows_ready(rows, rows.shape[-1], 16) and use_native("moe_dispatch", tokens)
+    return native_kernels() if ready else None
 
 
 def plan_dispatch(
@@ -84,7 +86,7 @@ def plan_dispatch(
 
     Returns the batch and where its rows came from, for `combine`.
     """
-    kernels = _native_dispatch(hidden)
+    kernels = _native_dispatch(hidden, hidden.shape[0])
     if kernels is not None:  # one call for torch's argsort, bincount, index_select and gather
         rows, row_weights, token_index, counts, rows_of = kernels.moe_dispatch(
             hidden, expert_ids.contiguous(), weights.contiguous(), num_experts
@@ -102,7 +104,7 @@ def combine(
     routed: torch.Tensor, dispatch: Dispatch, like: torch.Tensor, shared: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Each token's weighted expert rows summed (+ the shared expert's output), shaped like `like`."""
-    kernels = _native_dispatch(routed) if dispatch.rows_of is not None else None
+    kernels = _native_dispatch(routed, like.shape[0]) if dispatch.rows_of is not None else None
     if kernels is not None and routed.dtype == like.dtype and (shared is None or shared.is_contiguous()):
         return kernels.moe_combine(routed, dispatch.rows_of, shared)
     out = torch.zeros_like(like).index_add_(0, dispatch.token_index, routed)
@@ -140,20 +142,6 @@ class ExpertWeights:
         return self.gate_up.nbytes + self.down.nbytes
 
 
-# Rows per expert up to which the fused native kernel beats torch's matmuls, measured on
-# this machine's 2 cores (32 experts, hidden 512, intermediate 384): at every batch tried
-# with fp32 weights (up to 2048 tokens a step, 0.5-0.9x MKL's time), and with bf16 weights
-# on a CPU with bf16 dot products (0.4x oneDNN's time at 16 rows per expert, 0.85x at 256).
-# bf16 weights widened to fp32 (no such instruction) win only in decode-sized batches.
-_FUSED_MAX_ROWS_WIDENED_BF16 = 32
-
-
-def _fused_max_rows(dtype: torch.dtype, kernels) -> float:
-    if dtype == torch.bfloat16 and not kernels.has_bf16_dot():
-        return _FUSED_MAX_ROWS_WIDENED_BF16
-    return math.inf
-
-
 def _fits_fused(weights: ExpertWeights) -> bool:
     intermediate, hidden = weights.down.shape[1:]
     return (
@@ -186,7 +174,7 @@ def apply_experts(weights: ExpertWeights, batch: ExpertBatch) -> torch.Tensor:
         return hidden.new_zeros(0, weights.down.shape[-1])
     widest = max(batch.counts)
     fused = native_kernels()
-    if fused is not None and _fits_fused(weights) and widest <= _fused_max_rows(weights.gate_up.dtype, fused):
+    if fused is not None and _fits_fused(weights) and use_native("experts", batch.num_rows):
         offsets = torch.tensor([0, *itertools.accumulate(batch.counts)])
         # in hidden's dtype already
         return fused.fused_experts(

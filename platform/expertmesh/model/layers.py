@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.kernels import native_kernels
+from expertmesh.kernels.guard import use_native
 
 
 class RMSNorm(nn.Module):
@@ -16,7 +17,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def _native(self, x: torch.Tensor) -> bool:
-        return rows_ready(x, self.weight.shape[0], 16) and x.dtype == self.weight.dtype
+        return (
+            rows_ready(x, self.weight.shape[0], 16)
+            and x.dtype == self.weight.dtype
+            and use_native("rms_norm", x.shape[0])
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._native(x):
@@ -74,7 +79,12 @@ _TILE_MIN_ROWS = 16
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native kernels where they are faster."""
-    if x.dim() == 2 and x.dtype == weight.dtype and _kernel_ready(weight):
+    if (
+        x.dim() == 2
+        and x.dtype == weight.dtype
+        and _kernel_ready(weight)
+        and use_native("linear", x.shape[0])
+    ):
         kernels = native_kernels()
         if x.shape[0] >= _TILE_MIN_ROWS and _tileable(weight):
             return kernels.tile_linear(x.contiguous(), _tile_packed(kernels, weight), bias)
@@ -110,13 +120,9 @@ def _kernel_ready(weight: torch.Tensor) -> bool:
 
 
 def _packable(weight: torch.Tensor) -> bool:
-    """The packed kernel also needs N a multiple of 16 (its column blocks), and for bf16 a
-    CPU with bf16 dot products."""
-    return (
-        _kernel_ready(weight)
-        and weight.shape[0] % 16 == 0
-        and (weight.dtype == torch.float32 or native_kernels().has_bf16_dot())
-    )
+    """The packed kernel also needs N a multiple of 16 (its column blocks). bf16 weights are
+    pair-packed for a CPU's bf16 dot product, or widened as they are read where it has none."""
+    return _kernel_ready(weight) and weight.shape[0] % 16 == 0
 
 
 def _tileable(weight: torch.Tensor) -> bool:
@@ -227,7 +233,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2I] holding (gate, up) -> silu(gate) * up: natively in one pass to a contiguous
     result; with torch, in place on the gate half (a strided view the next linear copies)."""
     half = gate_up.shape[-1] // 2
-    if rows_ready(gate_up, 2 * half, 32):
+    if rows_ready(gate_up, 2 * half, 32) and use_native("silu_and_mul", gate_up.shape[0]):
         return native_kernels().silu_and_mul(gate_up)
     gate = gate_up[..., :half]
     return F.silu(gate, inplace=True).mul_(gate_up[..., half:])

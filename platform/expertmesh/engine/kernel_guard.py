@@ -1,0 +1,169 @@
+"""Time each native op against its torch twin on a model's own shapes (the guard's measuring half).
+
+Every call goes through the model's real entry points (`linear`, `apply_experts`,
+`RMSNorm.add_and_norm`, ...) with the op forced onto one path, then the other, so what
+is timed is exactly what a step would run. The decision itself is
+`expertmesh.kernels.guard.choose`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from expertmesh.engine.sampler import greedy_tokens
+from expertmesh.kernels.guard import CHOICES, DECODE, NATIVE, PREFILL, TORCH, Choice, Timing, choose
+from expertmesh.model.experts import ColocatedExpertBackend, apply_experts, combine, plan_dispatch
+from expertmesh.model.layers import GatedMLP, Linear, linear, silu_and_mul
+from expertmesh.model.transformer import CausalLM
+
+REPEATS = 3  # alternating native/torch timings per case, best of each kept
+CLEAR_WIN = 2.0  # one path this many times slower after a round: the rounds after it cannot change the choice
+
+
+def time_both(op: str, fn: Callable[[], object], repeats: int = REPEATS) -> tuple[float, float]:
+    """(native, torch) best seconds of fn() with `op` forced onto each path, alternating."""
+    best = {NATIVE: float("inf"), TORCH: float("inf")}
+    for path in (NATIVE, TORCH):  # once each untimed: packing, first-touch pages
+        with CHOICES.forced(op, path):
+            fn()
+    for _ in range(repeats):
+        for path in (NATIVE, TORCH):
+            with CHOICES.forced(op, path):
+                start = time.perf_counter()
+                fn()
+                best[path] = min(best[path], time.perf_counter() - start)
+        if max(best.values()) > CLEAR_WIN * min(best.values()):
+            break
+    return best[NATIVE], best[TORCH]
+
+
+def _linear_cases(model: CausalLM) -> list[tuple[torch.Tensor, torch.Tensor | None, int, bool]]:
+    """(weight, bias, how many modules share its shape, is it the LM head) per distinct linear shape."""
+    fused = {
+        id(lin.weight)
+        for mlp in model.modules()
+        if isinstance(mlp, GatedMLP) and mlp.fused_layout() is not None
+        for lin in (mlp.gate_up_proj, mlp.down_proj)
+    }
+    by_shape: dict[tuple, list] = {}
+    for module in model.modules():
+        if isinstance(module, Linear) and id(module.weight) not in fused:
+            key = (tuple(module.weight.shape), module.weight.dtype, module.bias is None)
+            by_shape.setdefault(key, [module.weight, module.bias, 0, False])[2] += 1
+    cases = [tuple(v) for v in by_shape.values()]
+    cases.append((model.lm_head.weight, None, 1, True))
+    return cases
+
+
+def _experts_case(model: CausalLM):
+    """One sparse layer's block and expert weights, where this process holds them; else None."""
+    for block in model.moe_blocks:
+        if isinstance(block.backend, ColocatedExpertBackend):
+            return block, block.backend.layers[block.layer]
+    return None
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call to time: `fn` runs `op` on `rows` rows of one of the model's shapes."""
+
+    op: str
+    rows: int
+    shape: str
+    fn: Callable[[], object]
+    weight: int = 1  # how many of the model's calls a step makes of this shape
+
+
+def cases(model: CausalLM, size_class: str, tokens: int, gen: torch.Generator) -> list[Case]:
+    """Every guarded op of `model` on a step of `tokens` tokens, through the model's own entry points."""
+    cfg = model.config
+    dtype = model.embed_tokens.weight.dtype
+
+    def rows_of(width: int, rows: int = tokens) -> torch.Tensor:
+        return torch.randn(rows, width, generator=gen).to(dtype)
+
+    found: list[Case] = []
+    for weight, bias, count, lm_head in _linear_cases(model):
+        if lm_head and size_class == PREFILL:
+            continue  # a prefill step takes logits of its last tokens only: decode-sized
+        shape = f"{tokens}x{weight.shape[0]}x{weight.shape[1]}"
+        found.append(
+            Case("linear", tokens, shape, partial(linear, rows_of(weight.shape[1]), weight, bias), count)
+        )
+    x = rows_of(cfg.hidden_size)
+    found.append(
+        Case("rms_norm", tokens, f"{tokens}x{cfg.hidden_size}", partial(model.norm.add_and_norm, x, x))
+    )
+    for inter in sorted({m.intermediate_size for m in model.modules() if isinstance(m, GatedMLP)}):
+        found.append(
+            Case("silu_and_mul", tokens, f"{tokens}x{2 * inter}", partial(silu_and_mul, rows_of(2 * inter)))
+        )
+    if size_class == DECODE:
+        logits = torch.randn(tokens, cfg.vocab_size, generator=gen)
+        found.append(Case("argmax", tokens, f"{tokens}x{cfg.vocab_size}", partial(greedy_tokens, logits)))
+    experts = _experts_case(model)
+    if experts is not None:
+        block, weights = experts
+        k, num_experts = block.moe.num_experts_per_tok, block.moe.num_experts
+        ids = torch.rand(tokens, num_experts, generator=gen).topk(k, dim=1).indices
+        routing = torch.rand(tokens, k, generator=gen)
+        batch, _ = plan_dispatch(x, ids, routing, num_experts)
+        shape = f"{tokens}x{k} rows, {num_experts} experts"
+        found.append(Case("experts", tokens * k, shape, partial(apply_experts, weights, batch)))
+        routed = rows_of(cfg.hidden_size, tokens * k)
+        found.append(
+            Case(
+                "moe_dispatch",
+                tokens,
+                shape,
+                partial(_dispatch_and_combine, x, ids, routing, routed, num_experts),
+            )
+        )
+    return found
+
+
+def _dispatch_and_combine(x, ids, routing, routed, num_experts: int) -> torch.Tensor:
+    _, dispatch = plan_dispatch(x, ids, routing, num_experts)
+    return combine(routed, dispatch, x)
+
+
+def measure(model: CausalLM, decode_rows: int, prefill_rows: int, repeats: int = REPEATS) -> list[Timing]:
+    """Every guarded op on the model's shapes at `decode_rows` and `prefill_rows` tokens."""
+    gen = torch.Generator().manual_seed(0)
+    timings = []
+    with torch.no_grad():
+        for size_class, tokens in ((DECODE, decode_rows), (PREFILL, prefill_rows)):
+            for case in cases(model, size_class, tokens, gen):
+                native_s, torch_s = time_both(case.op, case.fn, repeats)
+                timings.append(
+                    Timing(case.op, size_class, case.rows, native_s, torch_s, case.shape, case.weight)
+                )
+    return timings
+
+
+def decode_max_rows(model: CausalLM, decode_rows: int) -> dict[str, int]:
+    """The most rows an op sees in a decode step: tokens, or token-expert rows for the experts."""
+    k = model.moe_blocks[0].moe.num_experts_per_tok if model.moe_blocks else 1
+    return {
+        "linear": decode_rows,
+        "rms_norm": decode_rows,
+        "silu_and_mul": decode_rows,
+        "argmax": decode_rows,
+        "moe_dispatch": decode_rows,
+        "experts": decode_rows * k,
+    }
+
+
+def guard_kernels(
+    model: CausalLM, decode_rows: int, prefill_rows: int
+) -> tuple[dict[str, Choice], list[Timing]]:
+    """Measure, choose, and apply the choices to this process; returns both for the log."""
+    timings = measure(model, decode_rows, prefill_rows)
+    choices = choose(timings, decode_max_rows(model, decode_rows))
+    CHOICES.update(choices)
+    return choices, timings
