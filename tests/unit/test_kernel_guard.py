@@ -211,3 +211,28 @@ def test_an_engine_guards_its_kernels_at_load_and_logs_each_choice(pangu_tiny, c
     assert logged == [f"kernel guard: {line}" for line in engine.kernel_report]
     assert {line.split()[0] for line in engine.kernel_report} == set(OPS)
     assert engine.kernel_choices == CHOICES.snapshot()
+
+
+def test_info_names_the_cpu_the_level_and_the_guards_choices_for_a_model(pangu_tiny, capsys):
+    from expertmesh.cli import main
+
+    if native_kernels() is None:
+        pytest.skip("the native kernels did not build here")
+    assert main(["info", "--model", str(pangu_tiny)]) == 0
+    out = capsys.readouterr().out
+    assert "kernel levels it runs: portable" in out
+    assert "native kernels: built for " in out
+    chosen = [line.strip() for line in out.splitlines() if line.startswith("  ")]
+    assert {line.split()[0] for line in chosen} == set(OPS)
+    assert all(": native (" in line or ": torch (" in line for line in chosen)
+
+
+def test_info_reports_a_level_the_cpu_lacks_as_an_error(monkeypatch, capsys):
+    import expertmesh.kernels as kernels
+    from expertmesh.cli import main
+
+    monkeypatch.setenv("EXPERTMESH_CPU_ISA", "amx")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: AVX512)
+    monkeypatch.setattr(kernels, "machine", lambda: "x86_64")
+    assert main(["info"]) == 2
+    assert "EXPERTMESH_CPU_ISA=amx needs AVX512-BF16 and AMX tiles" in capsys.readouterr().err
