@@ -228,6 +228,25 @@ def test_a_full_queue_is_refused_at_once_with_429_through_serve(app):
     assert list(queued)[-1].finished
 
 
+def test_engine_and_expert_replicas_report_what_their_kernel_guard_chose(app):
+    _, handle, _ = app
+    engine_ops = {
+        line.split()[0] for line in handle.engine_info.remote("colocated", "v1").result()["kernels"]
+    }
+    assert {"linear", "experts", "rms_norm", "argmax"} <= engine_ops
+    # a disaggregated engine holds no experts; each pool replica guards its own
+    remote_ops = {
+        line.split()[0] for line in handle.engine_info.remote("disaggregated", "v1").result()["kernels"]
+    }
+    assert "linear" in remote_ops and "experts" not in remote_ops
+    pool = serve.get_deployment_handle("experts-disaggregated-v1-g1", "disaggregated-v1")
+    for replica in pool.broadcast("info").results():
+        assert [line.split()[:2] for line in replica["kernels"]] == [
+            ["experts", "decode"],
+            ["experts", "prefill"],
+        ]
+
+
 def test_killing_an_expert_replica_under_load_loses_no_request_and_the_pool_recovers(app, pangu_tiny):
     # Runs last in this module: it kills a replica process (Serve replaces it).
     _, handle, _ = app

@@ -8,6 +8,7 @@ is timed is exactly what a step would run. The decision itself is
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,13 +16,26 @@ from functools import partial
 
 import torch
 
+from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.sampler import greedy_tokens
-from expertmesh.kernels.guard import CHOICES, DECODE, NATIVE, PREFILL, TORCH, Choice, Timing, choose
-from expertmesh.model.experts import ColocatedExpertBackend, apply_experts, combine, plan_dispatch
+from expertmesh.kernels.guard import CHOICES, DECODE, NATIVE, PREFILL, TORCH, Choice, Timing, choose, describe
+from expertmesh.model.experts import (
+    ColocatedExpertBackend,
+    ExpertBatch,
+    ExpertWeights,
+    apply_experts,
+    combine,
+    plan_dispatch,
+)
 from expertmesh.model.layers import GatedMLP, Linear, linear, silu_and_mul
 from expertmesh.model.transformer import CausalLM
 
+log = logging.getLogger(__name__)
+
 REPEATS = 3  # alternating native/torch timings per case, best of each kept
+# Prefill-sized ops are timed at the step's token budget, up to this many tokens: beyond it a
+# matmul's speed per row no longer changes, only the load time would.
+MAX_PREFILL_ROWS = 1024
 CLEAR_WIN = 2.0  # one path this many times slower after a round: the rounds after it cannot change the choice
 
 
@@ -110,21 +124,25 @@ def cases(model: CausalLM, size_class: str, tokens: int, gen: torch.Generator) -
     if experts is not None:
         block, weights = experts
         k, num_experts = block.moe.num_experts_per_tok, block.moe.num_experts
+        found.append(experts_case(weights, tokens * k, gen))
         ids = torch.rand(tokens, num_experts, generator=gen).topk(k, dim=1).indices
         routing = torch.rand(tokens, k, generator=gen)
-        batch, _ = plan_dispatch(x, ids, routing, num_experts)
-        shape = f"{tokens}x{k} rows, {num_experts} experts"
-        found.append(Case("experts", tokens * k, shape, partial(apply_experts, weights, batch)))
         routed = rows_of(cfg.hidden_size, tokens * k)
-        found.append(
-            Case(
-                "moe_dispatch",
-                tokens,
-                shape,
-                partial(_dispatch_and_combine, x, ids, routing, routed, num_experts),
-            )
-        )
+        shape = f"{tokens}x{k} rows, {num_experts} experts"
+        dispatch = partial(_dispatch_and_combine, x, ids, routing, routed, num_experts)
+        found.append(Case("moe_dispatch", tokens, shape, dispatch))
     return found
+
+
+def experts_case(weights: ExpertWeights, rows: int, gen: torch.Generator) -> Case:
+    """The fused experts on `rows` token-expert rows spread at random over the experts of `weights`."""
+    num_experts, hidden = weights.gate_up.shape[0], weights.gate_up.shape[1]
+    counts = torch.bincount(torch.randint(num_experts, (rows,), generator=gen), minlength=num_experts)
+    x = torch.randn(rows, hidden, generator=gen).to(weights.gate_up.dtype)
+    batch = ExpertBatch(x, torch.rand(rows, generator=gen), counts.tolist())
+    return Case(
+        "experts", rows, f"{rows} rows over {num_experts} experts", partial(apply_experts, weights, batch)
+    )
 
 
 def _dispatch_and_combine(x, ids, routing, routed, num_experts: int) -> torch.Tensor:
@@ -132,14 +150,13 @@ def _dispatch_and_combine(x, ids, routing, routed, num_experts: int) -> torch.Te
     return combine(routed, dispatch, x)
 
 
-def measure(model: CausalLM, decode_rows: int, prefill_rows: int, repeats: int = REPEATS) -> list[Timing]:
-    """Every guarded op on the model's shapes at `decode_rows` and `prefill_rows` tokens."""
-    gen = torch.Generator().manual_seed(0)
+def measure(cases_of: Callable[[str, int], list[Case]], decode_rows: int, prefill_rows: int) -> list[Timing]:
+    """Time every case `cases_of(size_class, rows)` gives at `decode_rows` and at `prefill_rows`."""
     timings = []
     with torch.no_grad():
-        for size_class, tokens in ((DECODE, decode_rows), (PREFILL, prefill_rows)):
-            for case in cases(model, size_class, tokens, gen):
-                native_s, torch_s = time_both(case.op, case.fn, repeats)
+        for size_class, rows in ((DECODE, decode_rows), (PREFILL, prefill_rows)):
+            for case in cases_of(size_class, rows):
+                native_s, torch_s = time_both(case.op, case.fn)
                 timings.append(
                     Timing(case.op, size_class, case.rows, native_s, torch_s, case.shape, case.weight)
                 )
@@ -162,8 +179,43 @@ def decode_max_rows(model: CausalLM, decode_rows: int) -> dict[str, int]:
 def guard_kernels(
     model: CausalLM, decode_rows: int, prefill_rows: int
 ) -> tuple[dict[str, Choice], list[Timing]]:
-    """Measure, choose, and apply the choices to this process; returns both for the log."""
-    timings = measure(model, decode_rows, prefill_rows)
+    """Measure `model`'s ops at `decode_rows` and `prefill_rows` tokens, choose, and apply the
+    choices to this process; returns both for the log."""
+    gen = torch.Generator().manual_seed(0)
+    timings = measure(partial(cases, model, gen=gen), decode_rows, prefill_rows)
     choices = choose(timings, decode_max_rows(model, decode_rows))
     CHOICES.update(choices)
     return choices, timings
+
+
+def guard_experts(
+    weights: ExpertWeights, decode_rows: int, prefill_rows: int
+) -> tuple[dict[str, Choice], list[Timing]]:
+    """The same for a process that holds only experts (an expert-pool replica): the fused
+    experts against torch's matmuls on `weights` (one layer's), at the token-expert rows a
+    decode step and a prefill step send it."""
+    gen = torch.Generator().manual_seed(0)
+    timings = measure(lambda _, rows: [experts_case(weights, rows, gen)], decode_rows, prefill_rows)
+    choices = choose(timings, {"experts": decode_rows})
+    CHOICES.update(choices)
+    return choices, timings
+
+
+def guard_expert_pool(
+    weights: dict[int, ExpertWeights], k: int, groups: int, engine: EngineConfig
+) -> list[str]:
+    """guard_experts in an expert-pool replica holding one of `groups` groups of a top-`k` model
+    served with `engine`'s limits: a step of T tokens sends it about T k / groups rows (exactly,
+    under MoGE). Logs each choice once and returns the lines."""
+
+    def rows(tokens: int) -> int:
+        return max(1, tokens * k // groups)
+
+    prefill_tokens = min(engine.max_num_batched_tokens, MAX_PREFILL_ROWS)
+    choices, timings = guard_experts(
+        next(iter(weights.values())), rows(engine.max_num_seqs), rows(prefill_tokens)
+    )
+    report = describe(choices, timings)
+    for line in report:
+        log.info("kernel guard: %s", line)
+    return report

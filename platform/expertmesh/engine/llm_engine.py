@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from expertmesh.engine.allocator import retain_freed_memory
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.detokenizer import Detokenizer, find_stop, stop_holdback
-from expertmesh.engine.kernel_guard import guard_kernels
+from expertmesh.engine.kernel_guard import MAX_PREFILL_ROWS, guard_kernels
 from expertmesh.engine.kv_cache import BlockAllocator, KVCache
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.sampler import sample
@@ -86,10 +86,6 @@ def warm_up_lengths(config: EngineConfig, max_model_len: int, cache_tokens: int)
 
 
 log = logging.getLogger(__name__)
-
-# The guard times prefill-sized ops at the step's token budget, up to this many rows: beyond
-# it a matmul's speed per row no longer changes, only the load time would.
-GUARD_MAX_PREFILL_ROWS = 2048
 
 
 class LLMEngine:
@@ -162,7 +158,7 @@ class LLMEngine:
         CPU runs a kernel slower than torch's. Each choice is logged once."""
         if native_kernels() is None:
             return
-        prefill_rows = min(self.config.max_num_batched_tokens, GUARD_MAX_PREFILL_ROWS)
+        prefill_rows = min(self.config.max_num_batched_tokens, MAX_PREFILL_ROWS)
         self.kernel_choices, timings = guard_kernels(self.model, self.config.max_num_seqs, prefill_rows)
         self.kernel_report = describe(self.kernel_choices, timings)
         for line in self.kernel_report:

@@ -31,6 +31,7 @@ from expertmesh.api.grpc_service import GrpcServicesMixin
 from expertmesh.api.openai_app import build_openai_app
 from expertmesh.config import RevisionSpec, ServeConfig, default_groups
 from expertmesh.engine.async_engine import AsyncLLMEngine, discard_outputs
+from expertmesh.engine.kernel_guard import guard_expert_pool
 from expertmesh.engine.llm_engine import LLMEngine, context_length, load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
@@ -69,10 +70,16 @@ class ExpertGroup:
         torch.set_num_threads(spec.expert_threads)
         native_kernels()  # build (or load) them before the replica is ready, not inside a layer's deadline
         partition = partition_for(spec)
-        self.server = ExpertGroupServer(
-            load_expert_group(spec.source, group, partition.num_groups, spec.dtype),
-            host=ray.util.get_node_ip_address(),
+        weights = load_expert_group(spec.source, group, partition.num_groups, spec.dtype)
+        # no CPU runs a kernel slower than torch's: time the fused experts against it here too
+        self.kernel_report = (
+            guard_expert_pool(
+                weights, load_config(spec.source).moe.num_experts_per_tok, partition.num_groups, spec.engine
+            )
+            if native_kernels() is not None
+            else []
         )
+        self.server = ExpertGroupServer(weights, host=ray.util.get_node_ip_address())
         self._up = mark_replica_up(model, spec.name, expert_pool(group))  # metrics: replicas per pool
 
     def endpoint(self) -> str:
@@ -83,6 +90,7 @@ class ExpertGroup:
             "endpoint": self.server.endpoint,
             "pid": os.getpid(),
             "requests_served": self.server.requests_served,
+            "kernels": self.kernel_report,  # what the load-time guard chose here
         }
 
     def check_health(self) -> None:
@@ -174,6 +182,7 @@ class Engine:
             "max_model_len": self.engine.max_model_len,
             "pid": os.getpid(),
             "micro_batched_steps": self.engine.runner.micro_batched_steps,
+            "kernels": self.engine.kernel_report,  # what the load-time guard chose here
         }
 
 
