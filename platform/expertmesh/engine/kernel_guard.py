@@ -19,6 +19,7 @@ import torch
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.sampler import greedy_tokens
 from expertmesh.kernels.guard import CHOICES, DECODE, NATIVE, PREFILL, TORCH, Choice, Timing, choose, describe
+from expertmesh.model.attention import Attention, ForwardBatch, LayerKVCache
 from expertmesh.model.experts import (
     ColocatedExpertBackend,
     ExpertBatch,
@@ -36,6 +37,7 @@ REPEATS = 3  # alternating native/torch timings per case, best of each kept
 # Prefill-sized ops are timed at the step's token budget, up to this many tokens: beyond it a
 # matmul's speed per row no longer changes, only the load time would.
 MAX_PREFILL_ROWS = 1024
+DECODE_CONTEXT = 256  # positions each sequence attends over where decode attention is timed
 CLEAR_WIN = 2.0  # one path this many times slower after a round: the rounds after it cannot change the choice
 
 
@@ -109,6 +111,12 @@ def cases(model: CausalLM, size_class: str, tokens: int, gen: torch.Generator) -
         found.append(
             Case("linear", tokens, shape, partial(linear, rows_of(weight.shape[1]), weight, bias), count)
         )
+    attn = model.layers[0].self_attn
+    found.append(_rotary_case(model, attn, tokens, dtype, gen))
+    if size_class == DECODE:
+        found.append(
+            _attention_case(attn, tokens, min(DECODE_CONTEXT, cfg.max_position_embeddings), dtype, gen)
+        )
     x = rows_of(cfg.hidden_size)
     found.append(
         Case("rms_norm", tokens, f"{tokens}x{cfg.hidden_size}", partial(model.norm.add_and_norm, x, x))
@@ -132,6 +140,48 @@ def cases(model: CausalLM, size_class: str, tokens: int, gen: torch.Generator) -
         dispatch = partial(_dispatch_and_combine, x, ids, routing, routed, num_experts)
         found.append(Case("moe_dispatch", tokens, shape, dispatch))
     return found
+
+
+def _scattered_cache(attn: Attention, slots: int, dtype: torch.dtype, gen: torch.Generator):
+    """A cache of `slots` random K/V rows, and its slots in the order a paged cache hands them
+    out: blocks of 16 consecutive slots, the blocks anywhere."""
+    cache = LayerKVCache(slots, attn.num_kv_heads, attn.head_dim, dtype)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    block = 16 if slots % 16 == 0 else 1
+    order = torch.randperm(slots // block, generator=gen)[:, None] * block + torch.arange(block)
+    return cache, order.flatten()
+
+
+def _attention_case(
+    attn: Attention, seqs: int, context: int, dtype: torch.dtype, gen: torch.Generator
+) -> Case:
+    """Decode attention: one query per sequence over `context` cached positions."""
+    cache, slots = _scattered_cache(attn, seqs * context, dtype, gen)
+    batch = ForwardBatch(
+        positions=torch.full((seqs,), context - 1),
+        num_decode=seqs,
+        decode_slots=slots.view(seqs, context),
+        decode_lengths=torch.full((seqs,), context),
+    )
+    q = torch.randn(seqs, attn.num_heads, attn.head_dim, generator=gen).to(dtype)
+    return Case(
+        "attention", seqs, f"{seqs} seqs x {context} positions", partial(attn.decode, q, batch, cache)
+    )
+
+
+def _rotary_case(
+    model: CausalLM, attn: Attention, tokens: int, dtype: torch.dtype, gen: torch.Generator
+) -> Case:
+    """RoPE on q and k of `tokens` projected rows, and their K/V cache write."""
+    positions = torch.arange(tokens) % model.config.max_position_embeddings
+    cache, slots = _scattered_cache(attn, tokens, dtype, gen)
+    qkv = torch.randn(tokens, attn.q_size + 2 * attn.kv_size, generator=gen).to(dtype)
+    rope = model.rotary.lookup(positions, dtype)
+    batch = ForwardBatch(positions=positions, slot_mapping=slots)
+    return Case(
+        "rotary", tokens, f"{tokens}x{qkv.shape[1]}", partial(attn.rotate_and_cache, qkv, rope, batch, cache)
+    )
 
 
 def experts_case(weights: ExpertWeights, rows: int, gen: torch.Generator) -> Case:
@@ -167,6 +217,8 @@ def decode_max_rows(model: CausalLM, decode_rows: int) -> dict[str, int]:
     """The most rows an op sees in a decode step: tokens, or token-expert rows for the experts."""
     k = model.moe_blocks[0].moe.num_experts_per_tok if model.moe_blocks else 1
     return {
+        "attention": decode_rows,
+        "rotary": decode_rows,
         "linear": decode_rows,
         "rms_norm": decode_rows,
         "silu_and_mul": decode_rows,

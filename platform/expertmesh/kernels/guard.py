@@ -21,7 +21,7 @@ NATIVE, TORCH = "native", "torch"
 DECODE, PREFILL = "decode", "prefill"
 
 # The ops the guard decides, each a native kernel with a torch twin at its call site.
-OPS = ("linear", "experts", "moe_dispatch", "rms_norm", "silu_and_mul", "argmax")
+OPS = ("linear", "experts", "moe_dispatch", "attention", "rotary", "rms_norm", "silu_and_mul", "argmax")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.kernels import native_kernels
+from expertmesh.kernels.guard import use_native
 from expertmesh.model.layers import Linear, RMSNorm, apply_rotary
 
 
@@ -93,7 +94,26 @@ class Attention(nn.Module):
         cache: LayerKVCache | None,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
+        q, k, v = self.rotate_and_cache(self.qkv_proj(x), rope, batch, cache)
+        if not batch.prefills:  # decode only: the kernel's output is the whole batch's
+            return self.o_proj(self.decode(q, batch, cache).reshape(num_tokens, self.q_size))
+        out = torch.empty_like(q)
+        if batch.num_decode:
+            out[: batch.num_decode] = self.decode(q[: batch.num_decode], batch, cache)
+        for span in batch.prefills:
+            out[span.start : span.end] = self._prefill(q, k, v, span, cache)
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+    def rotate_and_cache(
+        self,
+        qkv: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+        cache: LayerKVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v heads of the projected qkv [T, ...], with RoPE on q and k (after their norms,
+        where the model has them), and each token's k and v written to its cache slot."""
+        num_tokens = qkv.shape[0]
         native = self._native_rotary(qkv, rope, cache)
         if native is not None:  # RoPE and the cache write in one pass, in place
             cos, sin = (t.view(num_tokens, self.head_dim) for t in rope)
@@ -109,15 +129,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is not None:
                 cache.write(batch.slot_mapping, k, v)
-
-        if not batch.prefills:  # decode only: the kernel's output is the whole batch's
-            return self.o_proj(self._decode(q, batch, cache).reshape(num_tokens, self.q_size))
-        out = torch.empty_like(q)
-        if batch.num_decode:
-            out[: batch.num_decode] = self._decode(q[: batch.num_decode], batch, cache)
-        for span in batch.prefills:
-            out[span.start : span.end] = self._prefill(q, k, v, span, cache)
-        return self.o_proj(out.view(num_tokens, self.q_size))
+        return q, k, v
 
     def _native_rotary(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache):
         """The native kernels if they can do RoPE (and the cache write) on this qkv, else None
@@ -132,14 +144,21 @@ class Attention(nn.Module):
             and self.head_dim % 32 == 0
             and all(t.dtype == qkv.dtype and t.is_contiguous() for t in rope)
             and (cache is None or (cache.k.dtype == qkv.dtype and cache.k.is_contiguous()))
+            and use_native("rotary", qkv.shape[0])
         )
         return kernels if ok else None
 
-    def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: LayerKVCache) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, batch: ForwardBatch, cache: LayerKVCache) -> torch.Tensor:
+        """Attention of one query token per sequence over its cached context: [n, heads, d]."""
         # One query per sequence: fold the query heads that share a KV head into the
         # "query length" axis, so no K/V head is ever repeated in memory.
         kernels = native_kernels()
-        if kernels is not None and batch.decode_lengths is not None and self.head_dim % 16 == 0:
+        if (
+            kernels is not None
+            and batch.decode_lengths is not None
+            and self.head_dim % 16 == 0
+            and use_native("attention", q.shape[0])
+        ):
             return kernels.decode_attention(
                 q.contiguous(), cache.k, cache.v, batch.decode_slots, batch.decode_lengths, self.scale
             )
