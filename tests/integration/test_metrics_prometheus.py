@@ -256,6 +256,13 @@ def test_prometheus_scrapes_expertmesh_series_with_their_labels(prometheus, serv
     idle = {"expertmesh_batch_size": 0, "expertmesh_queue_depth": 0, "expertmesh_kv_cache_usage_ratio": 0}
     for name, want in idle.items():
         poll(lambda name=name, want=want: values(prometheus, f"{name}{{{sel}}}", "pool") == {"engine": want})
+    # what each replica's kernel guard chose: the engine's ops, and each pool's fused experts
+    paths = query(prometheus, f"expertmesh_kernel_path{{{sel}}}")
+    assert {(p["metric"]["pool"], p["metric"]["op"]) for p in paths} >= {
+        ("engine", "linear"),
+        ("experts-g0", "experts"),
+    }
+    assert {p["metric"]["path"] for p in paths} <= {"native", "torch"}
     (info,) = query(prometheus, f"expertmesh_model_info{{{sel}}}")
     assert {k: info["metric"][k] for k in ("routing", "groups", "mode")} == {
         "routing": "moge",

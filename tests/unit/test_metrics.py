@@ -14,6 +14,7 @@ from expertmesh.engine.async_engine import AsyncLLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import CompletionOutput, RequestOutput
 from expertmesh.errors import InvalidRequestError
+from expertmesh.kernels.guard import NATIVE, TORCH, Choice
 from expertmesh.model.experts import ExpertPartition
 from expertmesh.serve.metrics import (
     BATCH_SIZE,
@@ -21,6 +22,7 @@ from expertmesh.serve.metrics import (
     GENERATION_TOKENS,
     GROUP_IMBALANCE,
     GROUP_TOKENS,
+    KERNEL_PATH,
     KV_CACHE_USAGE,
     PROMPT_TOKENS,
     QUEUE_DEPTH,
@@ -32,11 +34,13 @@ from expertmesh.serve.metrics import (
     TTFT,
     EngineState,
     FinishedRequest,
+    Sample,
     StepWindow,
     counter_deltas,
     expert_rows,
     group_loads,
     imbalance,
+    kernel_path_samples,
     outcome_of,
     request_timings,
     stored_series_names,
@@ -260,3 +264,14 @@ def test_track_request_records_how_each_stream_ended(aengine):
     engine = aengine.engine
     assert not engine.has_unfinished_requests()  # the early stop aborted its request at once
     assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_each_guarded_op_and_size_reports_the_path_its_guard_chose():
+    choices = {"linear": Choice(64, NATIVE, TORCH), "experts": Choice(256, NATIVE, NATIVE)}
+    assert kernel_path_samples(choices, "experts-g0") == [
+        Sample(KERNEL_PATH, 1, "experts-g0", (("op", "experts"), ("size", "decode"), ("path", "native"))),
+        Sample(KERNEL_PATH, 1, "experts-g0", (("op", "experts"), ("size", "prefill"), ("path", "native"))),
+        Sample(KERNEL_PATH, 1, "experts-g0", (("op", "linear"), ("size", "decode"), ("path", "native"))),
+        Sample(KERNEL_PATH, 1, "experts-g0", (("op", "linear"), ("size", "prefill"), ("path", "torch"))),
+    ]
+    assert kernel_path_samples({}) == []

@@ -255,10 +255,10 @@ def guard_experts(
 
 def guard_expert_pool(
     weights: dict[int, ExpertWeights], k: int, groups: int, engine: EngineConfig
-) -> list[str]:
+) -> tuple[dict[str, Choice], list[str]]:
     """guard_experts in an expert-pool replica holding one of `groups` groups of a top-`k` model
     served with `engine`'s limits: a step of T tokens sends it about T k / groups rows (exactly,
-    under MoGE). Logs each choice once and returns the lines."""
+    under MoGE). Logs each choice once; returns the choices and those lines."""
 
     def rows(tokens: int) -> int:
         return max(1, tokens * k // groups)
@@ -270,4 +270,4 @@ def guard_expert_pool(
     report = describe(choices, timings)
     for line in report:
         log.info("kernel guard: %s", line)
-    return report
+    return choices, report

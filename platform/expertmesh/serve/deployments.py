@@ -72,15 +72,16 @@ class ExpertGroup:
         partition = partition_for(spec)
         weights = load_expert_group(spec.source, group, partition.num_groups, spec.dtype)
         # no CPU runs a kernel slower than torch's: time the fused experts against it here too
-        self.kernel_report = (
+        self.kernel_choices, self.kernel_report = (
             guard_expert_pool(
                 weights, load_config(spec.source).moe.num_experts_per_tok, partition.num_groups, spec.engine
             )
             if native_kernels() is not None
-            else []
+            else ({}, [])
         )
         self.server = ExpertGroupServer(weights, host=ray.util.get_node_ip_address())
-        self._up = mark_replica_up(model, spec.name, expert_pool(group))  # metrics: replicas per pool
+        # metrics: replicas per pool, and the kernel paths chosen here
+        self._up = mark_replica_up(model, spec.name, expert_pool(group), self.kernel_choices)
 
     def endpoint(self) -> str:
         return self.server.endpoint

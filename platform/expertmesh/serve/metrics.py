@@ -26,6 +26,7 @@ from typing import Literal
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sequence import RequestOutput
 from expertmesh.errors import InvalidRequestError
+from expertmesh.kernels.guard import DECODE, PREFILL, Choice
 from expertmesh.model.experts import ExpertPartition
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,14 @@ MODEL_INFO = Series(
     ("routing", "groups", "mode"),
 )
 
+KERNEL_PATH = Series(
+    "expertmesh_kernel_path",
+    "gauge",
+    "1 per replica, guarded native op and size class (decode|prefill): the path the load-time guard chose "
+    "(native|torch), so a CPU where torch's kernel won is visible",
+    ("op", "size", "path"),
+)
+
 SERIES: tuple[Series, ...] = (
     REQUESTS,
     TTFT,
@@ -141,6 +150,7 @@ SERIES: tuple[Series, ...] = (
     REPLICA_IMBALANCE,
     REPLICA_UP,
     MODEL_INFO,
+    KERNEL_PATH,
 )
 
 
@@ -285,6 +295,15 @@ class Sample:
     labels: tuple[tuple[str, str], ...] = ()  # the series' own labels, in order
 
 
+def kernel_path_samples(choices: dict[str, Choice], pool: str = ENGINE_POOL) -> list[Sample]:
+    """Pure: one KERNEL_PATH sample per guarded op and size class, labelled with its chosen path."""
+    return [
+        Sample(KERNEL_PATH, 1, pool, (("op", op), ("size", size), ("path", getattr(choice, size))))
+        for op, choice in sorted(choices.items())
+        for size in (DECODE, PREFILL)
+    ]
+
+
 def window_samples(
     window: StepWindow,
     finished: Sequence[FinishedRequest],
@@ -393,10 +412,11 @@ def metrics_endpoints() -> list[str]:
     ]
 
 
-def mark_replica_up(model: str, revision: str, pool: str) -> RaySink:
-    """Report this process as one live replica of `pool`; keep the returned sink alive with it."""
-    sink = RaySink(model, revision, (REPLICA_UP,))
-    sink.record([Sample(REPLICA_UP, 1, pool)])
+def mark_replica_up(model: str, revision: str, pool: str, kernel_choices: dict[str, Choice]) -> RaySink:
+    """Report this process as one live replica of `pool`, and what its kernel guard chose; keep
+    the returned sink alive with it."""
+    sink = RaySink(model, revision, (REPLICA_UP, KERNEL_PATH))
+    sink.record([Sample(REPLICA_UP, 1, pool), *kernel_path_samples(kernel_choices, pool)])
     return sink
 
 
@@ -435,6 +455,7 @@ class EngineMetrics:
             ("mode", "disaggregated" if disaggregated else "colocated"),
         )
         self._sink.record([Sample(REPLICA_UP, 1), Sample(MODEL_INFO, 1, labels=info)])
+        self._sink.record(kernel_path_samples(engine.kernel_choices))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="expertmesh-metrics", daemon=True)
         self._thread.start()
