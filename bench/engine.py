@@ -5,8 +5,8 @@ token ids, 64 new tokens each, greedy, EOS ignored. Prints the CPU, the ISA leve
 kernels were built for and what the load-time guard chose, output tokens/s for each
 engine, then the ratios, `ratio engine/transformers` last. `engine/torch-paths` is our
 engine against itself on torch's kernels (`EXPERTMESH_NATIVE_KERNELS=0`). The decode
-floors: the bytes of weights a decode step touches over the measured copy bandwidth,
-and its matmul FLOPs over the measured matmul rate; `decode/roofline-floor` takes the
+floors: the bytes a decode step must read (the weights it touches and the KV cache it
+attends over) over the measured copy bandwidth, and its FLOPs over the measured matmul rate; `decode/roofline-floor` takes the
 larger, so it means the same on a compute-bound machine as on a bandwidth-bound one.
 
     make bench                      # or: .venv/bin/python bench/engine.py
@@ -67,16 +67,22 @@ def matmul_flops_per_s(size: int = 1024, repeats: int = 5) -> float:
 
 
 def decode_step_cost(llm: LLM) -> tuple[int, int]:
-    """(bytes of weights read, matmul FLOPs) of the latest decode step.
+    """(bytes read, matmul FLOPs) of the latest decode step.
 
-    Bytes: every weight but the embedding table and the experts no token was routed to.
-    FLOPs: 2 per weight per token for the dense weights, 2 per expert weight per routed row.
+    Bytes: every weight but the embedding table and the experts no token was routed to, and
+    the K and V of every cached position a sequence attended over.
+    FLOPs: 2 per weight per token for the dense weights, 2 per expert weight per routed row,
+    and 4 per cached position per query head dimension (q.k and the weighted sum of v).
     """
-    model = llm.engine.model
-    tokens = llm.engine.last_step.decode_seqs
+    model, step = llm.engine.model, llm.engine.last_step
+    cfg = model.config
+    tokens = step.decode_seqs
     dense = [p for name, p in model.named_parameters() if name != "embed_tokens.weight"]
     touched = sum(p.nbytes for p in dense) + tokens * model.embed_tokens.weight[0].nbytes
+    kv_row = 2 * cfg.num_kv_heads * cfg.head_dim * llm.engine.cache.layers[0].k.element_size()
+    touched += cfg.num_layers * step.decode_context_tokens * kv_row
     flops = 2 * tokens * sum(p.numel() for p in dense)
+    flops += cfg.num_layers * step.decode_context_tokens * 4 * cfg.num_heads * cfg.head_dim
     for block in model.moe_blocks:
         weights = block.backend.layers[block.layer]
         counts = block.last_expert_counts

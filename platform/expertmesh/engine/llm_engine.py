@@ -38,6 +38,7 @@ class StepStats:
     decode_seqs: int = 0
     prefill_tokens: int = 0
     seconds: float = 0.0
+    decode_context_tokens: int = 0  # cached positions the decoding sequences attended over, summed
 
 
 class QueueFullError(InvalidRequestError):
@@ -276,6 +277,7 @@ class LLMEngine:
                 plan = self.scheduler.schedule()
             if plan.empty:
                 return []
+            decode_context = sum(s.num_computed_tokens + 1 for s in plan.decodes)
             started = time.perf_counter()
             try:
                 result = self.runner.execute(plan)
@@ -291,7 +293,10 @@ class LLMEngine:
                     self._append(seq, token, now)
                     outputs.append(self._report(seq))
             self.last_step = StepStats(
-                len(plan.decodes), plan.num_tokens - len(plan.decodes), time.perf_counter() - started
+                len(plan.decodes),
+                plan.num_tokens - len(plan.decodes),
+                time.perf_counter() - started,
+                decode_context,
             )
             return outputs
 
