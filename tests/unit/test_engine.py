@@ -679,3 +679,16 @@ def test_remote_experts_engine_skips_the_warm_up(pangu_tiny, monkeypatch):
     monkeypatch.setattr(LLMEngine, "warm_up", lambda self: pytest.fail("warm-up without experts"))
     engine = LLMEngine.from_checkpoint(pangu_tiny, "float32", load_experts=False)
     assert_idle(engine)
+
+
+def test_a_decode_step_reports_the_cached_positions_it_attended_over(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    engine.add_request(list(range(5, 10)), params)
+    engine.add_request(list(range(5, 12)), params)
+    engine.step()  # both prompts read, a first token each
+    assert (engine.last_step.decode_seqs, engine.last_step.decode_context_tokens) == (0, 0)
+    engine.step()  # each decodes at the position after its prompt: 5 + 1 and 7 + 1 positions
+    assert (engine.last_step.decode_seqs, engine.last_step.decode_context_tokens) == (2, 14)
+    engine.step()
+    assert engine.last_step.decode_context_tokens == 16
