@@ -30,6 +30,8 @@ from expertmesh.model.config import ModelConfig
 from expertmesh.model.loader import load_config, load_model, resolve_dtype
 from expertmesh.model.transformer import CausalLM
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class StepStats:
@@ -84,9 +86,6 @@ def warm_up_lengths(config: EngineConfig, max_model_len: int, cache_tokens: int)
     per, extra = divmod(config.max_num_batched_tokens, seqs)
     longest = min(max_model_len, cache_tokens) - 1
     return [n for i in range(seqs) if (n := min(per + (i < extra), longest)) > 0]
-
-
-log = logging.getLogger(__name__)
 
 
 class LLMEngine:

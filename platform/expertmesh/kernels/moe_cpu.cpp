@@ -33,7 +33,7 @@ int64_t rows_ahead(int64_t ldw) {
   return std::max<int64_t>(1, kPrefetchBytes / (ldw * static_cast<int64_t>(sizeof(W))));
 }
 
-// act[m, j] = silu(x[m] . Wg[:, j]) * (x[m] . Wu[:, j]) for NV*16 columns j: row k of the
+// act[m, j] = silu(x[m] . Wg[:, j]) * (x[m] . Wu[:, j]) for NV * kLanes columns j: row k of the
 // block holds its gate columns at w + k * ldw and its up columns `up_offset` further.
 template <int MT, int NV, typename W>
 void gate_up_tile(const float* x, int64_t hidden, const W* w, int64_t ldw, int64_t up_offset, int64_t inter,
@@ -64,7 +64,7 @@ void gate_up_tile(const float* x, int64_t hidden, const W* w, int64_t ldw, int64
     for (int v = 0; v < NV; ++v) store(act + m * inter + v * kLanes, silu(gate[m][v]) * up[m][v]);
 }
 
-// out[m, n] = weight[m] * (act[m] . Wd[:, n]) for NV*16 columns n; row k of the block at w + k * ldw.
+// out[m, n] = weight[m] * (act[m] . Wd[:, n]) for NV * kLanes columns n; row k of the block at w + k * ldw.
 template <int MT, int NV, typename W>
 void down_tile(const float* act, int64_t inter, const W* w, int64_t ldw, int64_t hidden, const float* row_weight,
                float* out) {
