@@ -17,6 +17,7 @@ from types import ModuleType
 
 from expertmesh.kernels.isa import (
     ISA_ENV,
+    NATIVE,
     PORTABLE,
     compile_flags,
     cpu_flags,
@@ -77,7 +78,7 @@ def native_kernels() -> ModuleType | None:
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     level = isa_level()
-    if level == PORTABLE:
+    if level == PORTABLE and os.environ.get(ISA_ENV, NATIVE).strip().lower() in ("", NATIVE):
         log.warning(
             "no x86 SIMD level the kernels know on this %s CPU: building their portable C++ "
             "(the load-time guard keeps torch's kernel wherever it is faster)",
