@@ -60,7 +60,7 @@ def expected_layer(arch: str, c: dict) -> dict[str, tuple[int, ...]]:
         t[f"{prefix}.{up}.weight"] = (inner, H)
         t[f"{prefix}.{down}.weight"] = (H, inner)
 
-    if arch == "llama":
+    if arch in ("llama", "pangu_embedded"):
         ffn("mlp", "gate_proj", "up_proj", "down_proj", c["intermediate_size"])
     elif arch == "mixtral":
         t["block_sparse_moe.gate.weight"] = (c["num_local_experts"], H)
@@ -75,6 +75,10 @@ def expected_layer(arch: str, c: dict) -> dict[str, tuple[int, ...]]:
         for proj, out in (("q", q), ("k", kv), ("v", kv)):
             t[f"self_attn.{proj}_proj.bias"] = (out,)
         ffn("mlp.shared_expert", "gate_proj", "up_proj", "down_proj", c["shared_expert_intermediate_size"])
+    if arch == "pangu_embedded":  # openPangu-Embedded: biases on q, k, v and o; a stale RoPE buffer
+        for proj, out in (("q", q), ("k", kv), ("v", kv), ("o", H)):
+            t[f"self_attn.{proj}_proj.bias"] = (out,)
+        t["self_attn.rotary_emb.inv_freq"] = (D // 2,)
     if arch == "qwen2_moe":
         t["mlp.shared_expert_gate.weight"] = (1, H)
     if arch == "qwen3_moe":
@@ -113,14 +117,20 @@ def test_configs_carry_the_family_keys():
     assert checkpoint_config("qwen3_moe", "tiny")["norm_topk_prob"] is True
     assert checkpoint_config("qwen2_moe", "tiny")["norm_topk_prob"] is False
     assert checkpoint_config("llama", "small")["rope_theta"] == 5e5
+    embedded = checkpoint_config("pangu_embedded", "small")
+    assert (embedded["architectures"], embedded["model_type"]) == (
+        ["PanguEmbeddedForCausalLM"],
+        "PanguEmbedded",
+    )
+    assert (embedded["bias"], embedded["rope_theta"], "attention_bias" in embedded) == (True, 1.6e7, False)
     for arch in ARCHITECTURES:
         for size in SIZES:
             config = checkpoint_config(arch, size)
             assert config["tie_word_embeddings"] is False
-            assert config["rms_norm_eps"] == 1e-6
+            assert config["rms_norm_eps"] == (1e-5 if arch == "pangu_embedded" else 1e-6)
             assert config["torch_dtype"] == "float32"
             assert config["num_attention_heads"] % config["num_key_value_heads"] == 0
-            if arch != "llama":
+            if arch not in ("llama", "pangu_embedded"):
                 assert config["rope_theta"] == 1e6
             if arch == "pangu_pro_moe":
                 assert config["num_experts"] % config["num_experts_per_tok"] == 0

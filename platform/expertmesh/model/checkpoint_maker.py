@@ -2,7 +2,7 @@
 
 Weights cannot be downloaded on build machines, so the loader, the engine and
 the benchmarks run on checkpoints made here: same ``config.json`` keys, same
-tensor names and shapes as Pangu Pro MoE, Qwen2-MoE, Qwen3-MoE, Mixtral and
+tensor names and shapes as Pangu Pro MoE, openPangu-Embedded, Qwen2-MoE, Qwen3-MoE, Mixtral and
 Llama, with seeded random values. The layout is a pure function of the config
 (:func:`tensor_specs`); writing streams one tensor at a time into safetensors
 files, so even the ``small`` checkpoints never sit in memory twice.
@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from expertmesh.model.tokenizer_training import ENDOFTEXT_ID, save_tokenizer_files, train_tokenizer
 
-ARCHITECTURES = ("pangu_pro_moe", "qwen2_moe", "qwen3_moe", "mixtral", "llama")
+ARCHITECTURES = ("pangu_pro_moe", "pangu_embedded", "qwen2_moe", "qwen3_moe", "mixtral", "llama")
 SIZES = ("tiny", "small")
 DTYPES = ("float32", "bfloat16")
 
@@ -77,6 +77,7 @@ _IDENTITY = {
     "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "mixtral": ("MixtralForCausalLM", "mixtral"),
     "llama": ("LlamaForCausalLM", "llama"),
+    "pangu_embedded": ("PanguEmbeddedForCausalLM", "PanguEmbedded"),
 }
 
 # Written dtype -> (torch dtype, safetensors dtype tag).
@@ -125,6 +126,13 @@ def checkpoint_config(arch: str, size: str, dtype: str = "float32") -> dict:
     if arch == "llama":
         config.update(intermediate_size=dims["intermediate_size"], attention_bias=False, mlp_bias=False)
         return config
+    if arch == "pangu_embedded":
+        # as openPangu-Embedded-7B's config.json: `bias` (not attention_bias) puts biases on q, k,
+        # v and o; its rope_theta and eps
+        config.update(
+            intermediate_size=dims["intermediate_size"], bias=True, rope_theta=1.6e7, rms_norm_eps=1e-5
+        )
+        return config
     experts, per_token = _EXPERTS[arch, size]
     if arch == "mixtral":
         config.update(
@@ -167,7 +175,8 @@ def tensor_specs(config: dict) -> Iterator[TensorSpec]:
     head_dim = config["head_dim"]
     q_out = config["num_attention_heads"] * head_dim
     kv_out = config["num_key_value_heads"] * head_dim
-    qkv_bias = model_type in ("qwen2_moe", "PanguProMoE")
+    qkv_bias = model_type in ("qwen2_moe", "PanguProMoE") or bool(config.get("bias"))
+    o_bias = model_type == "PanguProMoE" or (model_type == "PanguEmbedded" and bool(config.get("bias")))
 
     yield TensorSpec("model.embed_tokens.weight", (V, H), "normal")
     for layer in range(config["num_hidden_layers"]):
@@ -179,8 +188,10 @@ def tensor_specs(config: dict) -> Iterator[TensorSpec]:
             if qkv_bias:
                 yield TensorSpec(f"{p}.self_attn.{proj}_proj.bias", (out,), "normal")
         yield TensorSpec(f"{p}.self_attn.o_proj.weight", (H, q_out), "normal")
-        if model_type == "PanguProMoE":
+        if o_bias:
             yield TensorSpec(f"{p}.self_attn.o_proj.bias", (H,), "normal")
+        if model_type == "PanguEmbedded":  # the release keeps a stale RoPE buffer per layer; loaders skip it
+            yield TensorSpec(f"{p}.self_attn.rotary_emb.inv_freq", (head_dim // 2,), "normal")
         if model_type == "qwen3_moe":
             yield TensorSpec(f"{p}.self_attn.q_norm.weight", (head_dim,), "norm")
             yield TensorSpec(f"{p}.self_attn.k_norm.weight", (head_dim,), "norm")
@@ -199,7 +210,7 @@ def _swiglu(prefix: str, names: tuple[str, str, str], hidden: int, inner: int) -
 def _mlp_specs(config: dict, p: str) -> Iterator[TensorSpec]:
     model_type, H = config["model_type"], config["hidden_size"]
     projs = ("gate_proj", "up_proj", "down_proj")
-    if model_type == "llama":
+    if model_type in ("llama", "PanguEmbedded"):
         yield from _swiglu(f"{p}.mlp", projs, H, config["intermediate_size"])
         return
     if model_type == "mixtral":

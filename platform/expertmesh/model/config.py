@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from expertmesh.errors import CheckpointError, describe_validation_error
 
-Family = Literal["llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "pangu_pro_moe"]
+Family = Literal["llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "pangu_pro_moe", "pangu_embedded"]
 
 # `architectures[0]` (or `model_type`) -> family. Pangu ships under several spellings.
 _FAMILY_BY_NAME: dict[str, Family] = {
@@ -32,6 +32,9 @@ _FAMILY_BY_NAME: dict[str, Family] = {
     "PanguProMoEForCausalLM": "pangu_pro_moe",
     "PanguProMoE": "pangu_pro_moe",
     "pangu_pro_moe": "pangu_pro_moe",
+    # openPangu-Embedded (the release's dense "Pangu 7B"): Llama with biases on q, k, v and o
+    "PanguEmbeddedForCausalLM": "pangu_embedded",
+    "PanguEmbedded": "pangu_embedded",
 }
 SUPPORTED_ARCHITECTURES = sorted(k for k in _FAMILY_BY_NAME if k[0].isupper())
 
@@ -148,6 +151,12 @@ def _rope_theta(raw: dict[str, Any], source: str) -> float:
     return float(raw.get("rope_theta", params.get("rope_theta", 10000.0)))
 
 
+def _attention_bias(family: Family, raw: dict[str, Any]) -> bool:
+    """Whether q, k, v (and for Llama-style families o) carry biases: openPangu-Embedded's config
+    switches them with `bias`, the others with `attention_bias`."""
+    return bool(raw.get("bias" if family == "pangu_embedded" else "attention_bias"))
+
+
 def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
     family = _family_of(raw, source)
 
@@ -203,8 +212,9 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         rope_theta=_rope_theta(raw, source),
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        qkv_bias=family in ("qwen2", "qwen2_moe", "pangu_pro_moe") or bool(raw.get("attention_bias")),
-        o_bias=family == "pangu_pro_moe" or (family == "llama" and bool(raw.get("attention_bias"))),
+        qkv_bias=family in ("qwen2", "qwen2_moe", "pangu_pro_moe") or _attention_bias(family, raw),
+        o_bias=family == "pangu_pro_moe"
+        or (family in ("llama", "pangu_embedded") and _attention_bias(family, raw)),
         qk_norm=family == "qwen3_moe",
         moe=moe,
         moe_layers=moe_layers,
