@@ -158,7 +158,9 @@ def test_missing_tensor_wrong_shape_unsupported_dtype(tmp_path, pangu):
 def test_missing_tokenizer_is_named_and_can_be_skipped(tmp_path, pangu):
     ckpt = copy_checkpoint(pangu, tmp_path)
     (ckpt / "tokenizer.json").unlink()
-    with pytest.raises(CheckpointError, match="tokenizer.json not found"):
+    with pytest.raises(
+        CheckpointError, match="neither tokenizer.json nor a SentencePiece tokenizer.model found"
+    ):
         LLM(ckpt, show_progress=False)
     llm = LLM(ckpt, skip_tokenizer_init=True, show_progress=False)
     (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)

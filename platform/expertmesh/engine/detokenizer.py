@@ -6,6 +6,11 @@ from tokenizers import Tokenizer
 
 from expertmesh.engine.sequence import Sequence
 
+# The first output token is decoded after the prompt's last few tokens, as vLLM's incremental
+# detokenizer starts: a SentencePiece decoder drops the leading space of a text (its dummy
+# prefix), but the "▁" of a continuation's first word is a real space after the prompt.
+PROMPT_CONTEXT_TOKENS = 5
+
 
 class Detokenizer:
     def __init__(self, tokenizer: Tokenizer):
@@ -24,8 +29,9 @@ class Detokenizer:
         token that ends inside a multi-byte character until it completes.
         """
         ids, skip = seq.output_token_ids, seq.params.skip_special_tokens
-        before = self.decode(ids[seq.prefix_offset : seq.read_offset], skip)
-        after = self.decode(ids[seq.prefix_offset :], skip)
+        context = seq.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:] if seq.read_offset == 0 else []
+        before = self.decode(context + ids[seq.prefix_offset : seq.read_offset], skip)
+        after = self.decode(context + ids[seq.prefix_offset :], skip)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             new = after[len(before) :]
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)

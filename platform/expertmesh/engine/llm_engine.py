@@ -28,6 +28,7 @@ from expertmesh.kernels import native_kernels
 from expertmesh.kernels.guard import Choice, describe
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.loader import load_config, load_model, resolve_dtype
+from expertmesh.model.sentencepiece_tokenizer import load_sentencepiece
 from expertmesh.model.transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,15 @@ class QueueFullError(InvalidRequestError):
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
+    """tokenizer.json where the checkpoint has one; else a SentencePiece tokenizer.model (with
+    tokenizer_config.json), as the Pangu releases ship theirs."""
     path = directory / "tokenizer.json"
     if not path.is_file():
+        if (directory / "tokenizer.model").is_file():
+            return load_sentencepiece(directory)
         raise CheckpointError(
-            f"{path}: tokenizer.json not found (pass skip_tokenizer_init=True to use token ids)"
+            f"{directory}: neither tokenizer.json nor a SentencePiece tokenizer.model found "
+            "(pass skip_tokenizer_init=True to use token ids)"
         )
     try:
         return Tokenizer.from_file(str(path))
