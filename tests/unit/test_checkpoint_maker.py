@@ -146,6 +146,26 @@ def test_norms_are_not_identity_and_router_scale_is_in_range(tiny):
     assert tensors["model.embed_tokens.weight"].std().item() == pytest.approx(0.02, rel=0.05)
 
 
+def test_pangu_embedded_ships_a_sentencepiece_tokenizer_as_the_release_does(tiny):
+    out = tiny["pangu_embedded"]
+    assert (out / "tokenizer.model").is_file() and not (out / "tokenizer.json").exists()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], config["legacy"], config["eos_token"]) == (True, True, "[unused10]")
+    assert config["added_tokens_decoder"]["13"]["content"] == "[unused10]"
+    model = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (model["bos_token_id"], model["eos_token_id"], generation["eos_token_id"]) == (1, 13, 13)
+
+
+def test_sentencepiece_training_is_deterministic_across_processes(tiny):
+    code = (
+        "import sys; from expertmesh.model.tokenizer_training import train_sentencepiece; "
+        "sys.stdout.buffer.write(train_sentencepiece(2048))"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    assert fresh == (tiny["pangu_embedded"] / "tokenizer.model").read_bytes()
+
+
 def test_same_seed_same_bytes_other_seed_other_weights(tmp_path, tiny):
     again = make_checkpoint("qwen2_moe", "tiny", tmp_path / "again", seed=0, progress=False)
     other = make_checkpoint("qwen2_moe", "tiny", tmp_path / "other", seed=1, progress=False)

@@ -7,13 +7,11 @@ the library: cut the text at the added tokens, `sentencepiece` on each piece of 
 them; decode each run of text pieces with `sentencepiece`, added tokens as themselves.
 """
 
-import json
-import shutil
-
 import pytest
 import sentencepiece as spm
 
 from expertmesh import LLM, SamplingParams
+from expertmesh.api.chat_template import ChatTemplate
 from expertmesh.engine.detokenizer import Detokenizer
 from expertmesh.engine.llm_engine import load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams as Params
@@ -144,19 +142,20 @@ def test_streaming_gives_the_text_of_the_whole_and_keeps_the_space_before_a_word
         assert "".join(pieces) == seq.text == want, text
 
 
-def test_a_checkpoint_with_only_tokenizer_model_loads_and_generates(trained, tiny_checkpoint, tmp_path):
-    _, model_file = trained
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint("pangu_embedded"), ckpt)
-    (ckpt / "tokenizer.json").unlink()
-    shutil.copy(model_file, ckpt / "tokenizer.model")
-    config = json.loads((ckpt / "tokenizer_config.json").read_text())
-    config.pop("added_tokens_decoder", None)
-    (ckpt / "tokenizer_config.json").write_text(json.dumps(config | {"add_bos_token": True}))
+def test_a_pangu_checkpoint_brings_its_tokenizer_model_chat_format_and_eos(tiny_checkpoint):
+    # as the release: tokenizer.model and tokenizer_config.json, no tokenizer.json
+    ckpt = tiny_checkpoint("pangu_embedded")
+    assert (ckpt / "tokenizer.model").is_file() and not (ckpt / "tokenizer.json").exists()
+    processor = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
     tokenizer = load_tokenizer(ckpt)
-    assert tokenizer.encode("Hello").ids[0] == spm.SentencePieceProcessor(model_file=str(model_file)).bos_id()
+    assert tokenizer.encode("def f(x):").ids == [processor.bos_id(), *processor.encode("def f(x):")]
+    messages = [{"role": "system", "content": "简洁"}, {"role": "user", "content": "写一个函数"}]
+    rendered = ChatTemplate.from_checkpoint(ckpt).render(messages)
+    assert rendered == "[unused9]系统：简洁[unused10][unused9]用户：写一个函数[unused10][unused9]助手："
+    eos = processor.piece_to_id("[unused10]")
+    assert tokenizer.encode(rendered).ids.count(eos) == 2
     llm = LLM(ckpt, show_progress=False)
-    (out,) = llm.generate(
-        ["def f(x):"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False
-    )
-    assert len(out.outputs[0].token_ids) == 6 and isinstance(out.outputs[0].text, str)
+    assert llm.engine.eos_token_ids == {eos}
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    (out,) = llm.generate([rendered], params, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 6 and "\ufffd" not in out.outputs[0].text

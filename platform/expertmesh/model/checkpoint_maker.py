@@ -20,7 +20,16 @@ from typing import NamedTuple
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from expertmesh.model.tokenizer_training import ENDOFTEXT_ID, save_tokenizer_files, train_tokenizer
+from expertmesh.model.tokenizer_training import (
+    ENDOFTEXT_ID,
+    PANGU_BOS_ID,
+    PANGU_EOS_ID,
+    PANGU_UNK_ID,
+    save_sentencepiece_files,
+    save_tokenizer_files,
+    train_sentencepiece,
+    train_tokenizer,
+)
 
 ARCHITECTURES = ("pangu_pro_moe", "pangu_embedded", "qwen2_moe", "qwen3_moe", "mixtral", "llama")
 SIZES = ("tiny", "small")
@@ -80,6 +89,9 @@ _IDENTITY = {
     "pangu_embedded": ("PanguEmbeddedForCausalLM", "PanguEmbedded"),
 }
 
+# Families whose releases ship a SentencePiece tokenizer.model (and no tokenizer.json).
+SENTENCEPIECE_ARCHITECTURES = ("pangu_embedded",)
+
 # Written dtype -> (torch dtype, safetensors dtype tag).
 _DTYPES = {"float32": (torch.float32, "F32"), "bfloat16": (torch.bfloat16, "BF16")}
 
@@ -132,6 +144,8 @@ def checkpoint_config(arch: str, size: str, dtype: str = "float32") -> dict:
         config.update(
             intermediate_size=dims["intermediate_size"], bias=True, rope_theta=1.6e7, rms_norm_eps=1e-5
         )
+        # its SentencePiece tokenizer's ids: <s> begins a text, [unused10] ends a turn
+        config.update(bos_token_id=PANGU_BOS_ID, eos_token_id=PANGU_EOS_ID, pad_token_id=PANGU_UNK_ID)
         return config
     experts, per_token = _EXPERTS[arch, size]
     if arch == "mixtral":
@@ -330,8 +344,12 @@ def make_checkpoint(
     )
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("training tokenizer", total=1)
-        tokenizer = train_tokenizer(config["vocab_size"])
-        save_tokenizer_files(tokenizer, out, model_max_length=config["max_position_embeddings"])
+        if arch in SENTENCEPIECE_ARCHITECTURES:
+            model = train_sentencepiece(config["vocab_size"])
+            save_sentencepiece_files(model, out, model_max_length=config["max_position_embeddings"])
+        else:
+            tokenizer = train_tokenizer(config["vocab_size"])
+            save_tokenizer_files(tokenizer, out, model_max_length=config["max_position_embeddings"])
         bar.advance(task)
         bar.update(task, description="tokenizer trained")
 

@@ -1,14 +1,20 @@
-"""Train a small byte-level BPE tokenizer offline, for generated checkpoints.
+"""Train small tokenizers offline, for generated checkpoints.
 
 No model hub is reachable on build machines, so the tokenizer of a generated
 checkpoint is trained here on text every Python install carries: the standard
 library's own ``.py`` sources. Training is deterministic (sorted files, a fixed
-byte cap, and BPE merge ties broken by the trainer in a fixed order).
+byte cap, and BPE merge ties broken by the trainer in a fixed order; one
+SentencePiece trainer thread).
+
+Two kinds, as the real families ship them: a byte-level BPE `tokenizer.json`
+(Qwen, Mixtral, Llama-style), and for the Pangu releases a SentencePiece
+`tokenizer.model` with their special tokens and chat format.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import sysconfig
 from pathlib import Path
@@ -103,3 +109,91 @@ def save_tokenizer_files(tokenizer: Tokenizer, out: Path, *, model_max_length: i
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---- SentencePiece, as the Pangu releases ship their tokenizer -------------------------
+
+# <unk>, <s>, </s> take ids 0, 1, 2; the user-defined symbols follow in order, so their ids are
+# fixed whatever the vocabulary size. Pangu's turns are "[unused9]ROLE：...[unused10]", and
+# [unused16] / [unused17] delimit thinking.
+PANGU_SYMBOLS = tuple(f"[unused{i}]" for i in range(20))
+PANGU_UNK_ID, PANGU_BOS_ID = 0, 1
+PANGU_EOS_ID = 3 + PANGU_SYMBOLS.index("[unused10]")
+PANGU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '[unused9]系统：' + message['content'] + '[unused10]' }}"
+    "{% elif message['role'] == 'user' %}{{ '[unused9]用户：' + message['content'] + '[unused10]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '[unused9]助手：' + message['content'] + '[unused10]' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[unused9]助手：' }}{% endif %}"
+)
+SENTENCEPIECE_CORPUS_BYTES = 1_000_000
+
+
+@functools.lru_cache(maxsize=4)
+def train_sentencepiece(vocab_size: int) -> bytes:
+    """A deterministic SentencePiece BPE model (the bytes of a tokenizer.model) of at most
+    `vocab_size` pieces, with byte fallback and Pangu's symbols, trained line by line."""
+    import sentencepiece as spm
+
+    lines = [
+        line
+        for text in corpus_texts(SENTENCEPIECE_CORPUS_BYTES)
+        for line in text.splitlines()
+        if line.strip()
+    ]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small corpus may not fill a large vocabulary
+        byte_fallback=True,
+        user_defined_symbols=list(PANGU_SYMBOLS),
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def save_sentencepiece_files(model: bytes, out: Path, *, model_max_length: int) -> None:
+    """Write tokenizer.model, tokenizer_config.json and generation_config.json as Pangu's releases
+    do (no tokenizer.json)."""
+    (out / "tokenizer.json").unlink(missing_ok=True)
+    (out / "tokenizer.model").write_bytes(model)
+    specials = {PANGU_UNK_ID: "<unk>", PANGU_BOS_ID: "<s>", 2: "</s>"} | {
+        3 + i: symbol for i, symbol in enumerate(PANGU_SYMBOLS)
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PanguTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        "bos_token": "<s>",
+        "eos_token": "[unused10]",
+        "pad_token": "<unk>",
+        "unk_token": "<unk>",
+        "model_max_length": model_max_length,
+        "added_tokens_decoder": {
+            str(i): {
+                "content": content,
+                "special": True,
+                "normalized": False,
+                "lstrip": False,
+                "rstrip": False,
+            }
+            for i, content in specials.items()
+        },
+        "chat_template": PANGU_CHAT_TEMPLATE,
+    }
+    generation_config = {
+        "bos_token_id": PANGU_BOS_ID,
+        "eos_token_id": PANGU_EOS_ID,
+        "pad_token_id": PANGU_UNK_ID,
+    }
+    _write_json(out / "tokenizer_config.json", tokenizer_config)
+    _write_json(out / "generation_config.json", generation_config)
