@@ -28,7 +28,7 @@ from expertmesh.kernels import native_kernels
 from expertmesh.kernels.guard import Choice, describe
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.loader import load_config, load_model, resolve_dtype
-from expertmesh.model.sentencepiece_tokenizer import load_sentencepiece
+from expertmesh.model.sentencepiece_tokenizer import SentencePieceTokenizer, load_sentencepiece
 from expertmesh.model.transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class QueueFullError(InvalidRequestError):
     """The waiting queue is at `max_queued_requests`: try again later."""
 
 
-def load_tokenizer(directory: Path) -> Tokenizer:
+def load_tokenizer(directory: Path) -> Tokenizer | SentencePieceTokenizer:
     """tokenizer.json where the checkpoint has one; else a SentencePiece tokenizer.model (with
     tokenizer_config.json), as the Pangu releases ship theirs."""
     path = directory / "tokenizer.json"
