@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from expertmesh.errors import CheckpointError, describe_validation_error
+from expertmesh.model.rope import YarnScaling
 
 Family = Literal["llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "pangu_pro_moe", "pangu_embedded"]
 
@@ -86,6 +87,7 @@ class ModelConfig(BaseModel):
     intermediate_size: int = 0  # dense MLP width (dense models and dense layers of MoE models)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: YarnScaling | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -140,15 +142,34 @@ def _family_of(raw: dict[str, Any], source: str) -> Family:
     )
 
 
-def _rope_theta(raw: dict[str, Any], source: str) -> float:
-    # transformers v5 writes `rope_parameters`; hub checkpoints write `rope_theta`.
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    for spec in (params, scaling):
+def _rope_spec(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The RoPE settings: transformers v5 writes `rope_parameters`, hub checkpoints
+    `rope_theta` and `rope_scaling`. Default RoPE and YaRN are supported."""
+    for spec in (raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}):
         kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind not in ("default", None):
-            raise CheckpointError(f"{source}: rope type {kind!r} is not supported (only 'default')")
+        if kind not in ("default", None, "yarn"):
+            raise CheckpointError(
+                f"{source}: rope type {kind!r} is not supported (only 'default' and 'yarn')"
+            )
+        if kind == "yarn":
+            return spec
+    return {}
+
+
+def _rope_theta(raw: dict[str, Any], source: str) -> float:
+    params = raw.get("rope_parameters") or {}
+    _rope_spec(raw, source)  # an unsupported type fails here, with the file named
     return float(raw.get("rope_theta", params.get("rope_theta", 10000.0)))
+
+
+def _yarn(raw: dict[str, Any], source: str) -> YarnScaling | None:
+    spec = _rope_spec(raw, source)
+    if not spec:
+        return None
+    fields = {k: v for k, v in spec.items() if k in YarnScaling.model_fields and v is not None}
+    if "factor" not in fields and "original_max_position_embeddings" in fields:  # DeepSeek-style: the ratio
+        fields["factor"] = raw["max_position_embeddings"] / fields["original_max_position_embeddings"]
+    return YarnScaling(**fields)
 
 
 def _attention_bias(family: Family, raw: dict[str, Any]) -> bool:
@@ -210,6 +231,7 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         intermediate_size=raw.get("intermediate_size") or 0,
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(raw, source),
+        rope_scaling=_yarn(raw, source),
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=family in ("qwen2", "qwen2_moe", "pangu_pro_moe") or _attention_bias(family, raw),

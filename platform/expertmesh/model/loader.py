@@ -169,7 +169,9 @@ def load_model(
     with torch.device("meta"):
         model = CausalLM(cfg)
     model = model.to(torch_dtype).to_empty(device="cpu").eval().requires_grad_(False)
-    model.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+    model.rotary = RotaryEmbedding(
+        cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+    )
 
     def get(spec: tuple[str, Shape]) -> torch.Tensor:
         return store.get(*spec, torch_dtype)
