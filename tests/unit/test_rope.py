@@ -74,7 +74,7 @@ def test_config_reads_yarn_from_either_key_and_refuses_other_scalings():
     deepseek = {"type": "yarn", "original_max_position_embeddings": 64, "mscale": 1.0, "mscale_all_dim": 1.0}
     assert ModelConfig.from_hf(base | {"rope_scaling": deepseek}).rope_scaling.factor == 4.0
     assert ModelConfig.from_hf(base).rope_scaling is None
-    with pytest.raises(CheckpointError, match="rope type 'linear' is not supported"):
+    with pytest.raises(CheckpointError, match="rope_scaling has rope type 'linear', which is not supported"):
         ModelConfig.from_hf(base | {"rope_scaling": {"type": "linear", "factor": 2.0}})
 
 

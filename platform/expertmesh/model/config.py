@@ -145,11 +145,12 @@ def _family_of(raw: dict[str, Any], source: str) -> Family:
 def _rope_spec(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """The RoPE settings: transformers v5 writes `rope_parameters`, hub checkpoints
     `rope_theta` and `rope_scaling`. Default RoPE and YaRN are supported."""
-    for spec in (raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}):
+    for key in ("rope_parameters", "rope_scaling"):
+        spec = raw.get(key) or {}
         kind = spec.get("rope_type", spec.get("type", "default"))
         if kind not in ("default", None, "yarn"):
             raise CheckpointError(
-                f"{source}: rope type {kind!r} is not supported (only 'default' and 'yarn')"
+                f"{source}: {key} has rope type {kind!r}, which is not supported (supported: 'default', 'yarn')"
             )
         if kind == "yarn":
             return spec
