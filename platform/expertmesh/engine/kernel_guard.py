@@ -90,7 +90,6 @@ class Case:
 
     op: str
     rows: int
-    shape: str
     fn: Callable[[], object]
     weight: int = 1  # how many of the model's calls a step makes of this shape
 
@@ -107,10 +106,7 @@ def cases(model: CausalLM, size_class: str, tokens: int, gen: torch.Generator) -
     for weight, bias, count, lm_head in _linear_cases(model):
         if lm_head and size_class == PREFILL:
             continue  # a prefill step takes logits of its last tokens only: decode-sized
-        shape = f"{tokens}x{weight.shape[0]}x{weight.shape[1]}"
-        found.append(
-            Case("linear", tokens, shape, partial(linear, rows_of(weight.shape[1]), weight, bias), count)
-        )
+        found.append(Case("linear", tokens, partial(linear, rows_of(weight.shape[1]), weight, bias), count))
     attn = model.layers[0].self_attn
     found.append(_rotary_case(model, attn, tokens, dtype, gen))
     if size_class == DECODE:
@@ -118,16 +114,12 @@ def cases(model: CausalLM, size_class: str, tokens: int, gen: torch.Generator) -
             _attention_case(attn, tokens, min(DECODE_CONTEXT, cfg.max_position_embeddings), dtype, gen)
         )
     x = rows_of(cfg.hidden_size)
-    found.append(
-        Case("rms_norm", tokens, f"{tokens}x{cfg.hidden_size}", partial(model.norm.add_and_norm, x, x))
-    )
+    found.append(Case("rms_norm", tokens, partial(model.norm.add_and_norm, x, x)))
     for inter in sorted({m.intermediate_size for m in model.modules() if isinstance(m, GatedMLP)}):
-        found.append(
-            Case("silu_and_mul", tokens, f"{tokens}x{2 * inter}", partial(silu_and_mul, rows_of(2 * inter)))
-        )
+        found.append(Case("silu_and_mul", tokens, partial(silu_and_mul, rows_of(2 * inter))))
     if size_class == DECODE:
         logits = torch.randn(tokens, cfg.vocab_size, generator=gen)
-        found.append(Case("argmax", tokens, f"{tokens}x{cfg.vocab_size}", partial(greedy_tokens, logits)))
+        found.append(Case("argmax", tokens, partial(greedy_tokens, logits)))
     experts = _experts_case(model)
     if experts is not None:
         block, weights = experts
@@ -136,9 +128,8 @@ def cases(model: CausalLM, size_class: str, tokens: int, gen: torch.Generator) -
         ids = torch.rand(tokens, num_experts, generator=gen).topk(k, dim=1).indices
         routing = torch.rand(tokens, k, generator=gen)
         routed = rows_of(cfg.hidden_size, tokens * k)
-        shape = f"{tokens}x{k} rows, {num_experts} experts"
         dispatch = partial(_dispatch_and_combine, x, ids, routing, routed, num_experts)
-        found.append(Case("moe_dispatch", tokens, shape, dispatch))
+        found.append(Case("moe_dispatch", tokens, dispatch))
     return found
 
 
@@ -165,9 +156,7 @@ def _attention_case(
         decode_lengths=torch.full((seqs,), context),
     )
     q = torch.randn(seqs, attn.num_heads, attn.head_dim, generator=gen).to(dtype)
-    return Case(
-        "attention", seqs, f"{seqs} seqs x {context} positions", partial(attn.decode, q, batch, cache)
-    )
+    return Case("attention", seqs, partial(attn.decode, q, batch, cache))
 
 
 def _rotary_case(
@@ -179,9 +168,7 @@ def _rotary_case(
     qkv = torch.randn(tokens, attn.q_size + 2 * attn.kv_size, generator=gen).to(dtype)
     rope = model.rotary.lookup(positions, dtype)
     batch = ForwardBatch(positions=positions, slot_mapping=slots)
-    return Case(
-        "rotary", tokens, f"{tokens}x{qkv.shape[1]}", partial(attn.rotate_and_cache, qkv, rope, batch, cache)
-    )
+    return Case("rotary", tokens, partial(attn.rotate_and_cache, qkv, rope, batch, cache))
 
 
 def experts_case(weights: ExpertWeights, rows: int, gen: torch.Generator) -> Case:
@@ -190,9 +177,7 @@ def experts_case(weights: ExpertWeights, rows: int, gen: torch.Generator) -> Cas
     counts = torch.bincount(torch.randint(num_experts, (rows,), generator=gen), minlength=num_experts)
     x = torch.randn(rows, hidden, generator=gen).to(weights.gate_up.dtype)
     batch = ExpertBatch(x, torch.rand(rows, generator=gen), counts.tolist())
-    return Case(
-        "experts", rows, f"{rows} rows over {num_experts} experts", partial(apply_experts, weights, batch)
-    )
+    return Case("experts", rows, partial(apply_experts, weights, batch))
 
 
 def _dispatch_and_combine(x, ids, routing, routed, num_experts: int) -> torch.Tensor:
@@ -207,9 +192,7 @@ def measure(cases_of: Callable[[str, int], list[Case]], decode_rows: int, prefil
         for size_class, rows in ((DECODE, decode_rows), (PREFILL, prefill_rows)):
             for case in cases_of(size_class, rows):
                 native_s, torch_s = time_both(case.op, case.fn)
-                timings.append(
-                    Timing(case.op, size_class, case.rows, native_s, torch_s, case.shape, case.weight)
-                )
+                timings.append(Timing(case.op, size_class, case.rows, native_s, torch_s, case.weight))
     return timings
 
 

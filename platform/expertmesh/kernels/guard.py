@@ -33,7 +33,6 @@ class Timing:
     rows: int
     native_s: float
     torch_s: float
-    shape: str = ""  # what was measured, for the log
     weight: int = 1  # how many of the model's calls share this shape (its layers)
 
 
@@ -49,21 +48,29 @@ class Choice:
         return self.decode if rows <= self.decode_max_rows else self.prefill
 
 
+def _totals(timings: Iterable[Timing]) -> dict[tuple[str, str], tuple[float, float, int]]:
+    """Per (op, size class): native and torch seconds over the model's shapes, each weighted by
+    how many calls share it, and the most rows timed."""
+    totals: dict[tuple[str, str], tuple[float, float, int]] = {}
+    for t in timings:
+        native_s, torch_s, rows = totals.get((t.op, t.size_class), (0.0, 0.0, 0))
+        totals[(t.op, t.size_class)] = (
+            native_s + t.weight * t.native_s,
+            torch_s + t.weight * t.torch_s,
+            max(rows, t.rows),
+        )
+    return totals
+
+
 def choose(timings: Iterable[Timing], decode_max_rows: dict[str, int]) -> dict[str, Choice]:
     """Per op and size class, the path with the smaller total time over the model's shapes
     (each weighted by how many calls share it); native on a tie. An op or class with no
     timing stays native."""
-    totals: dict[tuple[str, str], list[float]] = {}
-    for t in timings:
-        native_total, torch_total = totals.setdefault((t.op, t.size_class), [0.0, 0.0])
-        totals[(t.op, t.size_class)] = [
-            native_total + t.weight * t.native_s,
-            torch_total + t.weight * t.torch_s,
-        ]
+    totals = _totals(timings)
 
     def pick(op: str, size_class: str) -> str:
-        native_total, torch_total = totals.get((op, size_class), (0.0, 0.0))
-        return NATIVE if native_total <= torch_total else TORCH
+        native_s, torch_s, _ = totals.get((op, size_class), (0.0, 0.0, 0))
+        return NATIVE if native_s <= torch_s else TORCH
 
     ops = {op for op, _ in totals}
     return {op: Choice(decode_max_rows[op], pick(op, DECODE), pick(op, PREFILL)) for op in sorted(ops)}
@@ -71,20 +78,11 @@ def choose(timings: Iterable[Timing], decode_max_rows: dict[str, int]) -> dict[s
 
 def describe(choices: dict[str, Choice], timings: Iterable[Timing]) -> list[str]:
     """One line per op and size class: the choice and the times it came from (ms, summed)."""
-    sums: dict[tuple[str, str], list[float]] = {}
-    for t in timings:
-        acc = sums.setdefault((t.op, t.size_class), [0.0, 0.0, 0])
-        acc[0] += t.weight * t.native_s
-        acc[1] += t.weight * t.torch_s
-        acc[2] = max(acc[2], t.rows)
-    lines = []
-    for (op, size_class), (native_s, torch_s, rows) in sorted(sums.items()):
-        chosen = getattr(choices[op], size_class)
-        lines.append(
-            f"{op} {size_class} ({rows} rows): {chosen} "
-            f"(native {native_s * 1e3:.3f} ms, torch {torch_s * 1e3:.3f} ms)"
-        )
-    return lines
+    return [
+        f"{op} {size_class} ({rows} rows): {getattr(choices[op], size_class)} "
+        f"(native {native_s * 1e3:.3f} ms, torch {torch_s * 1e3:.3f} ms)"
+        for (op, size_class), (native_s, torch_s, rows) in sorted(_totals(timings).items())
+    ]
 
 
 class KernelChoices:
