@@ -95,8 +95,7 @@ def _groups(spec: ModelResourceSpec, cfg: ModelConfig | None) -> int | None:
     if ep.groups is not None:
         return ep.groups
     if cfg is not None and cfg.moe is not None:
-        moge = cfg.moe.num_routing_groups if cfg.moe.routing == "moge" else None
-        return default_groups(cfg.moe.num_experts, moge)
+        return default_groups(cfg.moe.num_experts, cfg.moe.routing_groups)
     return None  # unknown until the checkpoint is readable
 
 

@@ -36,7 +36,7 @@ class ExpertParallelSpec(BaseModel):
         None,
         ge=1,
         le=256,
-        description="expert groups; default: MoGE's routing groups, top-k: see default_groups",
+        description="expert groups; default: the routing's own groups (MoGE, DeepSeek's n_group), else see default_groups",
     )
     replicas_per_group: int = Field(1, ge=1, le=64)
 
@@ -146,8 +146,9 @@ def traffic_table(config: ServeConfig) -> dict[str, dict[str, int]]:
     return {m.name: m.weights() for m in config.models}
 
 
-def default_groups(num_experts: int, moge_groups: int | None) -> int:
-    """MoGE: its routing groups. Top-k: the largest divisor of num_experts that is at most 8."""
-    if moge_groups:
-        return moge_groups
+def default_groups(num_experts: int, routing_groups: int | None) -> int:
+    """The groups routing itself defines where it has them (MoGE's groups, DeepSeek's n_group);
+    otherwise the largest divisor of num_experts that is at most 8."""
+    if routing_groups:
+        return routing_groups
     return max(g for g in range(1, 9) if num_experts % g == 0)

@@ -1,6 +1,9 @@
 """Our model against `transformers` on checkpoints that `transformers` itself wrote."""
 
+import json
+
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -12,6 +15,16 @@ from expertmesh.engine.sequence import Sequence
 from expertmesh.model.attention import ForwardBatch, PrefillSpan
 from expertmesh.model.loader import load_model
 
+DEEPSEEK_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
 COMMON = dict(
     vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
@@ -40,6 +53,47 @@ FAMILIES = {
         transformers.MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
     ),
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, intermediate_size=128)),
+    # MLA with a low-rank query, noaux_tc routing over 4 groups keeping 2, a dense first layer,
+    # two shared experts, and YaRN: the longest prompts and their outputs pass the original context
+    "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(
+        transformers.DeepseekV3Config(
+            **(COMMON | {"num_hidden_layers": 3, "num_key_value_heads": 4}),
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            q_lora_rank=48,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            max_position_embeddings=256,
+            rope_parameters=DEEPSEEK_YARN,
+        )
+    ),
+    # DeepSeek-V2-Lite's shape of MLA: one q_proj, no low-rank query
+    "deepseek_v3_q_proj": lambda: transformers.DeepseekV3ForCausalLM(
+        transformers.DeepseekV3Config(
+            **(COMMON | {"num_key_value_heads": 4}),
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=0,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+        )
+    ),
 }
 TOLERANCE = 1e-4
 
@@ -51,9 +105,31 @@ def hf_checkpoint(request, tmp_path_factory):
     with torch.no_grad():  # HF's init is tiny; spread the weights so the logits say something
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zero would leave the choosing-only bias untested
+                buffer.copy_(torch.randn_like(buffer) * 0.5)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
+    if isinstance(model, transformers.DeepseekV3ForCausalLM):
+        add_mtp_layer(path, model.config)
     return model, path
+
+
+def add_mtp_layer(path, config):
+    """A multi-token-prediction layer stored after the last layer, as DeepSeek's releases have it
+    (transformers neither writes nor reads it)."""
+    mtp, hidden = f"model.layers.{config.num_hidden_layers}", config.hidden_size
+    tensors = safetensors.torch.load_file(path / "model.safetensors")
+    extra = {
+        f"{mtp}.enorm.weight": torch.ones(hidden),
+        f"{mtp}.hnorm.weight": torch.ones(hidden),
+        f"{mtp}.eh_proj.weight": torch.randn(hidden, 2 * hidden),
+        f"{mtp}.shared_head.norm.weight": torch.ones(hidden),
+        f"{mtp}.shared_head.head.weight": torch.randn(config.vocab_size, hidden),
+    }
+    safetensors.torch.save_file(tensors | extra, path / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(raw | {"num_nextn_predict_layers": 1}))
 
 
 def prompts(n_tokens_list, seed=0):

@@ -7,6 +7,7 @@ import torch
 import zmq
 
 import expertmesh.model.transformer as transformer_module
+from expertmesh.config import default_groups
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.llm import LLM
 from expertmesh.engine.llm_engine import LLMEngine, load_tokenizer, stop_token_ids
@@ -59,7 +60,9 @@ def close_all(servers):
             s.close()
 
 
-@pytest.mark.parametrize("arch,groups", [("pangu_pro_moe", 4), ("qwen2_moe", 4), ("mixtral", 2)])
+@pytest.mark.parametrize(
+    "arch,groups", [("pangu_pro_moe", 4), ("qwen2_moe", 4), ("mixtral", 2), ("deepseek_v3", 4)]
+)
 def test_disaggregated_greedy_equals_colocated(tiny_checkpoint, arch, groups):
     path = tiny_checkpoint(arch)
     colocated = LLM(path, show_progress=False).generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -68,6 +71,28 @@ def test_disaggregated_greedy_equals_colocated(tiny_checkpoint, arch, groups):
         engine, backend = disaggregated_engine(path, groups, servers)
         assert run(engine, PROMPTS, GREEDY) == [o.outputs[0].token_ids for o in colocated]
         assert all(s.requests_served > 0 for pool in servers.values() for s in pool)
+        backend.close()
+    finally:
+        close_all(servers)
+
+
+def test_deepseek_pools_are_its_routing_groups_and_a_decode_step_reaches_only_the_kept_ones(tiny_checkpoint):
+    """noaux_tc keeps topk_group of n_group groups per token: a one-token decode step sends each
+    MoE layer's rows to at most topk_group of the n_group pools, never to the others."""
+    path = tiny_checkpoint("deepseek_v3")
+    moe = load_config(path).moe
+    groups = default_groups(moe.num_experts, moe.routing_groups)
+    assert groups == moe.num_groups == 4 and moe.topk_group == 2
+    servers = start_pools(path, groups, replicas=1)
+    try:
+        engine, backend = disaggregated_engine(path, groups, servers)
+        engine.add_request("def main():", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        engine.step()  # the prompt
+        while engine.has_unfinished_requests():
+            before = [pool[0].requests_served for pool in servers.values()]
+            engine.step()  # one token
+            sent = [pool[0].requests_served - b for pool, b in zip(servers.values(), before, strict=True)]
+            assert 1 <= sum(sent) <= moe.topk_group * len(load_config(path).moe_layers)
         backend.close()
     finally:
         close_all(servers)

@@ -108,8 +108,9 @@ def cases(model: CausalLM, size_class: str, tokens: int, gen: torch.Generator) -
             continue  # a prefill step takes logits of its last tokens only: decode-sized
         found.append(Case("linear", tokens, partial(linear, rows_of(weight.shape[1]), weight, bias), count))
     attn = model.layers[0].self_attn
-    found.append(_rotary_case(model, attn, tokens, dtype, gen))
-    if size_class == DECODE:
+    if isinstance(attn, Attention):  # MLA runs its RoPE and attention on torch's ops
+        found.append(_rotary_case(model, attn, tokens, dtype, gen))
+    if size_class == DECODE and isinstance(attn, Attention):
         found.append(
             _attention_case(attn, tokens, min(DECODE_CONTEXT, cfg.max_position_embeddings), dtype, gen)
         )

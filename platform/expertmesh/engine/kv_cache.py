@@ -6,10 +6,12 @@ import torch
 
 from expertmesh.model.attention import LayerKVCache
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.mla import LatentKVCache
 
 
 def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    """Cache bytes a token takes over all layers: K and V per KV head, or MLA's latent and rope key."""
+    return cfg.num_layers * cfg.kv_values_per_token * dtype.itemsize
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -36,14 +38,32 @@ class BlockAllocator:
 
 
 class KVCache:
-    """One LayerKVCache per layer, sized from a memory budget."""
+    """One LayerKVCache (or, for MLA, LatentKVCache) per layer, sized from a memory budget."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
         self.block_size, self.num_blocks = block_size, num_blocks
         slots = num_blocks * block_size
-        self.layers = [
-            LayerKVCache(slots, cfg.num_kv_heads, cfg.head_dim, dtype) for _ in range(cfg.num_layers)
+        self.bytes_per_token = bytes_per_token(cfg, dtype)
+        self.layers: list[LayerKVCache] | list[LatentKVCache] = [
+            LatentKVCache(slots, cfg.mla.cache_width, dtype)
+            if cfg.mla is not None
+            else LayerKVCache(slots, cfg.num_kv_heads, cfg.head_dim, dtype)
+            for _ in range(cfg.num_layers)
         ]
+
+    def describe(self, cfg: ModelConfig) -> dict:
+        """What the cache holds per token, for `info`: MLA keeps its latent and rope key, not K and V."""
+        layout = (
+            f"MLA latent {cfg.mla.kv_lora_rank} + rope key {cfg.mla.qk_rope_head_dim}"
+            if cfg.mla is not None
+            else f"K and V, {cfg.num_kv_heads} heads x {cfg.head_dim}"
+        )
+        return {
+            "layout": layout,
+            "bytes_per_token": self.bytes_per_token,
+            "blocks": self.num_blocks,
+            "block_size": self.block_size,
+        }
 
     @staticmethod
     def blocks_in_budget(

@@ -2,8 +2,8 @@
 
 Weights cannot be downloaded on build machines, so the loader, the engine and
 the benchmarks run on checkpoints made here: same ``config.json`` keys, same
-tensor names and shapes as Pangu Pro MoE, openPangu-Embedded, Qwen2-MoE, Qwen3-MoE, Mixtral and
-Llama, with seeded random values. The layout is a pure function of the config
+tensor names and shapes as Pangu Pro MoE, openPangu-Embedded, DeepSeek-V3, Qwen2-MoE, Qwen3-MoE,
+Mixtral and Llama, with seeded random values. The layout is a pure function of the config
 (:func:`tensor_specs`); writing streams one tensor at a time into safetensors
 files, so even the ``small`` checkpoints never sit in memory twice.
 """
@@ -31,7 +31,15 @@ from expertmesh.model.tokenizer_training import (
     train_tokenizer,
 )
 
-ARCHITECTURES = ("pangu_pro_moe", "pangu_embedded", "qwen2_moe", "qwen3_moe", "mixtral", "llama")
+ARCHITECTURES = (
+    "pangu_pro_moe",
+    "pangu_embedded",
+    "deepseek_v3",
+    "qwen2_moe",
+    "qwen3_moe",
+    "mixtral",
+    "llama",
+)
 SIZES = ("tiny", "small")
 DTYPES = ("float32", "bfloat16")
 
@@ -75,6 +83,31 @@ _EXPERTS = {
     ("pangu_pro_moe", "small"): (32, 8),
     ("mixtral", "tiny"): (8, 2),
     ("mixtral", "small"): (32, 2),
+    ("deepseek_v3", "tiny"): (16, 4),
+    ("deepseek_v3", "small"): (32, 4),
+}
+
+# DeepSeek-V3's MLA and routing at each size (the release: q_lora_rank 1536, kv_lora_rank 512,
+# 128 + 64 query/key and 128 value dimensions per head; 256 experts in 8 groups, 4 kept).
+_DEEPSEEK = {
+    "tiny": {
+        "q_lora_rank": 48,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 16,
+        "n_group": 4,
+        "topk_group": 2,
+    },
+    "small": {
+        "q_lora_rank": 384,
+        "kv_lora_rank": 256,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "n_group": 8,
+        "topk_group": 4,
+    },
 }
 
 # Mixtral has one FFN size, its experts'.
@@ -87,6 +120,7 @@ _IDENTITY = {
     "mixtral": ("MixtralForCausalLM", "mixtral"),
     "llama": ("LlamaForCausalLM", "llama"),
     "pangu_embedded": ("PanguEmbeddedForCausalLM", "PanguEmbedded"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3"),
 }
 
 # Families whose releases ship a SentencePiece tokenizer.model (and no tokenizer.json).
@@ -148,6 +182,8 @@ def checkpoint_config(arch: str, size: str, dtype: str = "float32") -> dict:
         config.update(bos_token_id=PANGU_BOS_ID, eos_token_id=PANGU_EOS_ID, pad_token_id=PANGU_UNK_ID)
         return config
     experts, per_token = _EXPERTS[arch, size]
+    if arch == "deepseek_v3":
+        return _deepseek_config(config, size, experts, per_token)
     if arch == "mixtral":
         config.update(
             num_local_experts=experts,
@@ -182,17 +218,103 @@ def checkpoint_config(arch: str, size: str, dtype: str = "float32") -> dict:
     return config
 
 
+def _deepseek_config(config: dict, size: str, experts: int, per_token: int) -> dict:
+    """DeepSeek-V3's config.json keys: no head_dim (MLA sets its own), one dense first layer,
+    noaux_tc routing, YaRN as the release ships it (its original context a quarter of ours),
+    and one MTP layer stored after the last."""
+    dims = _SIZES[size]
+    del config["head_dim"]
+    config.update(_DEEPSEEK[size])
+    config.update(
+        num_key_value_heads=config["num_attention_heads"],
+        intermediate_size=dims["intermediate_size"],
+        moe_intermediate_size=dims["moe_intermediate_size"],
+        n_routed_experts=experts,
+        num_experts_per_tok=per_token,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1,
+        attention_bias=False,
+        rope_theta=10000.0,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": config["max_position_embeddings"] // 4,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    )
+    return config
+
+
+def _mla_specs(config: dict, p: str) -> Iterator[TensorSpec]:
+    H, heads = config["hidden_size"], config["num_attention_heads"]
+    q_rank, kv_rank, rope = config["q_lora_rank"], config["kv_lora_rank"], config["qk_rope_head_dim"]
+    qk, v = config["qk_nope_head_dim"] + rope, config["v_head_dim"]
+    a = f"{p}.self_attn"
+    yield TensorSpec(f"{a}.q_a_proj.weight", (q_rank, H), "normal")
+    yield TensorSpec(f"{a}.q_a_layernorm.weight", (q_rank,), "norm")
+    yield TensorSpec(f"{a}.q_b_proj.weight", (heads * qk, q_rank), "normal")
+    yield TensorSpec(f"{a}.kv_a_proj_with_mqa.weight", (kv_rank + rope, H), "normal")
+    yield TensorSpec(f"{a}.kv_a_layernorm.weight", (kv_rank,), "norm")
+    yield TensorSpec(f"{a}.kv_b_proj.weight", (heads * (qk - rope + v), kv_rank), "normal")
+    yield TensorSpec(f"{a}.o_proj.weight", (H, heads * v), "normal")
+
+
+def _deepseek_layer_specs(config: dict, layer: int) -> Iterator[TensorSpec]:
+    """One decoder layer; the MTP layer (index num_hidden_layers) adds its projection and head."""
+    H, p = config["hidden_size"], f"model.layers.{layer}"
+    projs = ("gate_proj", "up_proj", "down_proj")
+    yield TensorSpec(f"{p}.input_layernorm.weight", (H,), "norm")
+    yield TensorSpec(f"{p}.post_attention_layernorm.weight", (H,), "norm")
+    yield from _mla_specs(config, p)
+    if layer < config["first_k_dense_replace"]:
+        yield from _swiglu(f"{p}.mlp", projs, H, config["intermediate_size"])
+    else:
+        E, inner = config["n_routed_experts"], config["moe_intermediate_size"]
+        yield TensorSpec(f"{p}.mlp.gate.weight", (E, H), "normal")
+        yield TensorSpec(f"{p}.mlp.gate.e_score_correction_bias", (E,), "normal")
+        for e in range(E):
+            yield from _swiglu(f"{p}.mlp.experts.{e}", projs, H, inner)
+        yield from _swiglu(f"{p}.mlp.shared_experts", projs, H, inner * config["n_shared_experts"])
+    if layer >= config["num_hidden_layers"]:  # multi-token prediction
+        yield TensorSpec(f"{p}.enorm.weight", (H,), "norm")
+        yield TensorSpec(f"{p}.hnorm.weight", (H,), "norm")
+        yield TensorSpec(f"{p}.eh_proj.weight", (H, 2 * H), "normal")
+        yield TensorSpec(f"{p}.shared_head.norm.weight", (H,), "norm")
+        yield TensorSpec(f"{p}.shared_head.head.weight", (config["vocab_size"], H), "normal")
+
+
 def tensor_specs(config: dict) -> Iterator[TensorSpec]:
     """Every tensor of a checkpoint with this config, in file order: name, shape, init kind."""
     model_type = config["model_type"]
     H, V = config["hidden_size"], config["vocab_size"]
+    yield TensorSpec("model.embed_tokens.weight", (V, H), "normal")
+    if model_type == "deepseek_v3":  # its MTP layers follow the last layer
+        for layer in range(config["num_hidden_layers"] + config["num_nextn_predict_layers"]):
+            yield from _deepseek_layer_specs(config, layer)
+    else:
+        yield from _layer_specs(config)
+    yield TensorSpec("model.norm.weight", (H,), "norm")
+    yield TensorSpec("lm_head.weight", (V, H), "normal")
+
+
+def _layer_specs(config: dict) -> Iterator[TensorSpec]:
+    """The decoder layers of the grouped-query-attention families."""
+    model_type, H = config["model_type"], config["hidden_size"]
     head_dim = config["head_dim"]
     q_out = config["num_attention_heads"] * head_dim
     kv_out = config["num_key_value_heads"] * head_dim
     qkv_bias = model_type in ("qwen2_moe", "PanguProMoE") or bool(config.get("bias"))
     o_bias = model_type == "PanguProMoE" or (model_type == "PanguEmbedded" and bool(config.get("bias")))
 
-    yield TensorSpec("model.embed_tokens.weight", (V, H), "normal")
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         yield TensorSpec(f"{p}.input_layernorm.weight", (H,), "norm")
@@ -210,8 +332,6 @@ def tensor_specs(config: dict) -> Iterator[TensorSpec]:
             yield TensorSpec(f"{p}.self_attn.q_norm.weight", (head_dim,), "norm")
             yield TensorSpec(f"{p}.self_attn.k_norm.weight", (head_dim,), "norm")
         yield from _mlp_specs(config, p)
-    yield TensorSpec("model.norm.weight", (H,), "norm")
-    yield TensorSpec("lm_head.weight", (V, H), "normal")
 
 
 def _swiglu(prefix: str, names: tuple[str, str, str], hidden: int, inner: int) -> Iterator[TensorSpec]:

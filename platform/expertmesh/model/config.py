@@ -14,9 +14,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from expertmesh.errors import CheckpointError, describe_validation_error
-from expertmesh.model.rope import YarnScaling
+from expertmesh.model.rope_scaling import YarnScaling, yarn_mscale
 
-Family = Literal["llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "pangu_pro_moe", "pangu_embedded"]
+Family = Literal[
+    "llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "pangu_pro_moe", "pangu_embedded", "deepseek_v3"
+]
 
 # `architectures[0]` (or `model_type`) -> family. Pangu ships under several spellings.
 _FAMILY_BY_NAME: dict[str, Family] = {
@@ -36,6 +38,9 @@ _FAMILY_BY_NAME: dict[str, Family] = {
     # openPangu-Embedded (the release's dense "Pangu 7B"): Llama with biases on q, k, v and o
     "PanguEmbeddedForCausalLM": "pangu_embedded",
     "PanguEmbedded": "pangu_embedded",
+    # DeepSeek-V3/R1 and Kimi K2: MLA attention, group-limited sigmoid routing, MTP layers
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "deepseek_v3": "deepseek_v3",
 }
 SUPPORTED_ARCHITECTURES = sorted(k for k in _FAMILY_BY_NAME if k[0].isupper())
 
@@ -45,7 +50,7 @@ class MoEConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    routing: Literal["topk", "moge"]
+    routing: Literal["topk", "moge", "noaux_tc"]
     num_experts: int
     num_experts_per_tok: int
     moe_intermediate_size: int
@@ -53,6 +58,10 @@ class MoEConfig(BaseModel):
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(H, 1)) scales the shared expert
     router_scale: bool = False  # Pangu: learned per-expert multiplier on the routing weight
+    # noaux_tc (DeepSeek-V3): experts in `num_groups` groups, each token keeping `topk_group` of them
+    num_groups: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
     @model_validator(mode="after")
     def _check_groups(self) -> MoEConfig:
@@ -61,6 +70,20 @@ class MoEConfig(BaseModel):
                 f"MoGE needs num_experts ({self.num_experts}) divisible by "
                 f"num_experts_per_tok ({self.num_experts_per_tok}), the number of groups"
             )
+        if self.routing == "noaux_tc":
+            if self.num_experts % self.num_groups:
+                raise ValueError(
+                    f"n_group ({self.num_groups}) must divide n_routed_experts ({self.num_experts})"
+                )
+            if not 1 <= self.topk_group <= self.num_groups:
+                raise ValueError(
+                    f"topk_group must be in [1, n_group={self.num_groups}], got {self.topk_group}"
+                )
+            if self.num_experts_per_tok > self.topk_group * (self.num_experts // self.num_groups):
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in "
+                    f"topk_group={self.topk_group} groups of {self.num_experts // self.num_groups}"
+                )
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
@@ -70,8 +93,44 @@ class MoEConfig(BaseModel):
 
     @property
     def num_routing_groups(self) -> int:
-        """MoGE groups (one expert chosen per group); top-k has no routing groups."""
-        return self.num_experts_per_tok if self.routing == "moge" else 1
+        """MoGE groups (one expert chosen per group), noaux_tc's `n_group` (each token reaching at
+        most `topk_group` of them); plain top-k has no routing groups."""
+        if self.routing == "moge":
+            return self.num_experts_per_tok
+        return self.num_groups if self.routing == "noaux_tc" else 1
+
+    @property
+    def routing_groups(self) -> int | None:
+        """The groups routing defines, which make the natural expert pools: MoGE's (each token
+        reaches every one, once) and noaux_tc's (each token reaches at most topk_group); None
+        when routing has no groups."""
+        return self.num_routing_groups if self.num_routing_groups > 1 else None
+
+
+class MLAConfig(BaseModel):
+    """Multi-head latent attention (DeepSeek-V2/V3): K and V come from a `kv_lora_rank` latent per
+    token, which with a shared `qk_rope_head_dim` rotary key is all the cache keeps."""
+
+    model_config = ConfigDict(frozen=True)
+
+    q_lora_rank: int | None  # None: one q_proj, no low-rank query
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float
+    # The released weights rotate adjacent pairs (x0, x1), (x2, x3)...; the loader reorders the
+    # rope rows so the usual rotate-half RoPE gives the same dot products.
+    rope_interleave: bool = True
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_width(self) -> int:
+        """Values cached per token and layer: the latent and the rotary key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 class ModelConfig(BaseModel):
@@ -95,6 +154,8 @@ class ModelConfig(BaseModel):
     qk_norm: bool = False
     moe: MoEConfig | None = None
     moe_layers: tuple[int, ...] = ()
+    mla: MLAConfig | None = None
+    num_mtp_layers: int = 0  # multi-token-prediction layers stored after the last layer
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
@@ -110,6 +171,16 @@ class ModelConfig(BaseModel):
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions RoPE turns per head: MLA rotates only its rope part."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """Cached values per token and layer: K and V of every KV head, or MLA's latent and rope key."""
+        return self.mla.cache_width if self.mla is not None else 2 * self.num_kv_heads * self.head_dim
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
@@ -216,8 +287,11 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
             norm_topk_prob=True,
         )
         moe_layers = tuple(range(layers))
+    elif family == "deepseek_v3":
+        moe, moe_layers = _deepseek_moe(raw, source, need, layers)
     if len(moe_layers) < layers:
         need("intermediate_size")  # some layer is dense
+    mla = _mla(raw, source, need) if family == "deepseek_v3" else None
 
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -228,7 +302,8 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or hidden // heads,
+        # transformers writes MLA's rope width as `head_dim`; a query head is nope + rope wide
+        head_dim=mla.qk_head_dim if mla is not None else raw.get("head_dim") or hidden // heads,
         intermediate_size=raw.get("intermediate_size") or 0,
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(raw, source),
@@ -241,7 +316,59 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         qk_norm=family == "qwen3_moe",
         moe=moe,
         moe_layers=moe_layers,
+        mla=mla,
+        num_mtp_layers=int(raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 0)) or 0),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+    )
+
+
+def _refuse_unless(raw: dict[str, Any], source: str, key: str, supported: tuple, default: Any) -> None:
+    """A config feature we do not implement fails at load, naming the key, its value and what works."""
+    value = raw.get(key, default)
+    if value not in supported:
+        raise CheckpointError(
+            f"{source}: {key}={value!r} is not supported (supported: {', '.join(repr(v) for v in supported)})"
+        )
+
+
+def _deepseek_moe(raw: dict[str, Any], source: str, need, layers: int) -> tuple[MoEConfig, tuple[int, ...]]:
+    """DeepSeek-V3's sparse layers: every `moe_layer_freq`-th layer from `first_k_dense_replace` on,
+    routed by `noaux_tc` with `n_shared_experts` fused into one shared MLP."""
+    _refuse_unless(raw, source, "topk_method", ("noaux_tc",), "noaux_tc")
+    _refuse_unless(raw, source, "scoring_func", ("sigmoid",), "sigmoid")
+    _refuse_unless(raw, source, "hidden_act", ("silu",), "silu")
+    inter = need("moe_intermediate_size")
+    moe = MoEConfig(
+        routing="noaux_tc",
+        num_experts=need("n_routed_experts", "num_local_experts"),
+        num_experts_per_tok=need("num_experts_per_tok"),
+        moe_intermediate_size=inter,
+        norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+        shared_expert_intermediate_size=inter * int(raw.get("n_shared_experts") or 0),
+        num_groups=int(raw.get("n_group") or 1),
+        topk_group=int(raw.get("topk_group") or 1),
+        routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+    )
+    first_sparse, every = int(raw.get("first_k_dense_replace") or 0), int(raw.get("moe_layer_freq") or 1)
+    return moe, tuple(i for i in range(layers) if i >= first_sparse and i % every == 0)
+
+
+def _mla(raw: dict[str, Any], source: str, need) -> MLAConfig:
+    _refuse_unless(raw, source, "attention_bias", (False,), False)
+    nope, rope = need("qk_nope_head_dim"), need("qk_rope_head_dim")
+    scale = (nope + rope) ** -0.5
+    yarn = _yarn(raw, source)
+    if yarn is not None and yarn.mscale_all_dim:
+        # DeepSeek's YaRN also sharpens the softmax by mscale(factor, mscale_all_dim) squared
+        scale *= yarn_mscale(yarn.factor, yarn.mscale_all_dim) ** 2
+    return MLAConfig(
+        q_lora_rank=raw.get("q_lora_rank"),
+        kv_lora_rank=need("kv_lora_rank"),
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope,
+        v_head_dim=need("v_head_dim"),
+        softmax_scale=scale,
+        rope_interleave=bool(raw.get("rope_interleave", True)),
     )

@@ -8,7 +8,9 @@ from torch import nn
 
 from expertmesh.kernels import native_kernels
 from expertmesh.kernels.guard import use_native
-from expertmesh.model.rope import YarnScaling, inverse_frequencies
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.rope import inverse_frequencies
+from expertmesh.model.rope_scaling import YarnScaling
 
 
 class RMSNorm(nn.Module):
@@ -51,6 +53,10 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * attention_factor, persistent=False)
         self.register_buffer("sin", emb.sin() * attention_factor, persistent=False)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> RotaryEmbedding:
+        return cls(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T] positions -> cos, sin of shape [T, 1, head_dim], ready to broadcast over heads."""

@@ -7,6 +7,7 @@ group's weights never reads another group's bytes.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,19 +16,23 @@ from safetensors import SafetensorError, safe_open
 
 from expertmesh.errors import CheckpointError
 from expertmesh.model.attention import Attention
-from expertmesh.model.config import ModelConfig
+from expertmesh.model.config import MLAConfig, ModelConfig
 from expertmesh.model.experts import ColocatedExpertBackend, ExpertPartition, ExpertWeights
 from expertmesh.model.layers import GatedMLP, RotaryEmbedding
+from expertmesh.model.mla import MultiHeadLatentAttention
 from expertmesh.model.moe import SparseMoE
 from expertmesh.model.transformer import CausalLM
 from expertmesh.model.weight_names import (
     Shape,
     attention_tensors,
     expert_tensors,
+    mla_tensors,
     mlp_tensors,
     moe_prefix,
+    shared_expert_prefix,
 )
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _READABLE = {torch.float32, torch.bfloat16, torch.float16}
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -169,12 +174,10 @@ def load_model(
     with torch.device("meta"):
         model = CausalLM(cfg)
     model = model.to(torch_dtype).to_empty(device="cpu").eval().requires_grad_(False)
-    model.rotary = RotaryEmbedding(
-        cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
-    )
+    model.rotary = RotaryEmbedding.of(cfg)
 
-    def get(spec: tuple[str, Shape]) -> torch.Tensor:
-        return store.get(*spec, torch_dtype)
+    def get(spec: tuple[str, Shape], dtype: torch.dtype = torch_dtype) -> torch.Tensor:
+        return store.get(*spec, dtype)
 
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
     _fill(model.embed_tokens.weight, [get(("model.embed_tokens.weight", (vocab, hidden)))])
@@ -192,7 +195,10 @@ def load_model(
             layer.post_attention_layernorm.weight,
             [get((f"{prefix}.post_attention_layernorm.weight", (hidden,)))],
         )
-        _load_attention(layer.self_attn, attention_tensors(cfg, i), get)
+        if cfg.mla is not None:
+            _load_mla(layer.self_attn, cfg.mla, mla_tensors(cfg, i), get)
+        else:
+            _load_attention(layer.self_attn, attention_tensors(cfg, i), get)
         if isinstance(layer.mlp, SparseMoE):
             _load_sparse(layer.mlp, cfg, i, get)
             if load_experts:
@@ -201,6 +207,14 @@ def load_model(
             _load_mlp(layer.mlp, mlp_tensors(f"{prefix}.mlp", hidden, cfg.intermediate_size), get)
         if progress is not None:
             progress(i + 1, cfg.num_layers)
+    if cfg.num_mtp_layers:
+        log.info(
+            "%s: %d multi-token-prediction layer(s) (model.layers.%d.*) left on disk: "
+            "the engine decodes one token a step",
+            directory,
+            cfg.num_mtp_layers,
+            cfg.num_layers,
+        )
     if load_experts and experts:
         model.set_expert_backend(ColocatedExpertBackend(experts))
     return model
@@ -218,6 +232,33 @@ def _load_attention(attn: Attention, names, get) -> None:
         _fill(attn.k_norm.weight, [get(names["k_norm"])])
 
 
+def _load_mla(attn: MultiHeadLatentAttention, mla: MLAConfig, names, get) -> None:
+    query = [get(names["q_a"])] if "q_a" in names else [_deinterleave_query(get(names["q"]), mla)]
+    _fill(attn.qkv_a_proj.weight, [*query, _deinterleave_rows(get(names["kv_a"]), mla.kv_lora_rank, mla)])
+    if attn.q_b_proj is not None:
+        _fill(attn.q_a_layernorm.weight, [get(names["q_a_norm"])])
+        _fill(attn.q_b_proj.weight, [_deinterleave_query(get(names["q_b"]), mla)])
+    _fill(attn.kv_a_layernorm.weight, [get(names["kv_a_norm"])])
+    _fill(attn.kv_b_proj.weight, [get(names["kv_b"])])
+    _fill(attn.o_proj.weight, [get(names["o"])])
+
+
+def _deinterleave_rows(weight: torch.Tensor, start: int, mla: MLAConfig) -> torch.Tensor:
+    """Rows [start, start + rope) of a projection reordered evens first, then odds: interleaved RoPE
+    on the old order is rotate-half RoPE on the new one, and q and k reordered alike keep their dot products."""
+    if not mla.rope_interleave:
+        return weight
+    rope = torch.arange(mla.qk_rope_head_dim)
+    order = torch.cat([torch.arange(start), start + torch.cat([rope[0::2], rope[1::2]])])
+    return weight[order]
+
+
+def _deinterleave_query(weight: torch.Tensor, mla: MLAConfig) -> torch.Tensor:
+    """Each head's rope rows of a query projection [heads * (nope + rope), in], reordered."""
+    heads = weight.view(-1, mla.qk_head_dim, weight.shape[-1])
+    return torch.stack([_deinterleave_rows(h, mla.qk_nope_head_dim, mla) for h in heads]).view_as(weight)
+
+
 def _load_mlp(mlp: GatedMLP, names, get) -> None:
     _fill(mlp.gate_up_proj.weight, [get(names["gate"]), get(names["up"])])
     _fill(mlp.down_proj.weight, [get(names["down"])])
@@ -226,10 +267,15 @@ def _load_mlp(mlp: GatedMLP, names, get) -> None:
 def _load_sparse(block: SparseMoE, cfg: ModelConfig, layer: int, get) -> None:
     moe, prefix = cfg.moe, moe_prefix(cfg, layer)
     _fill(block.gate.weight, [get((f"{prefix}.gate.weight", (moe.num_experts, cfg.hidden_size)))])
+    if block.e_score_correction_bias is not None:  # fp32 whatever the model's dtype, as released
+        bias = get((f"{prefix}.gate.e_score_correction_bias", (moe.num_experts,)), torch.float32)
+        block.e_score_correction_bias = torch.nn.Parameter(bias, requires_grad=False)
     if block.router_scale is not None:
         _fill(block.router_scale, [get((f"{prefix}.router_scale", (1, moe.num_experts)))])
     if block.shared_expert is not None:
-        names = mlp_tensors(f"{prefix}.shared_expert", cfg.hidden_size, moe.shared_expert_intermediate_size)
+        names = mlp_tensors(
+            shared_expert_prefix(cfg, layer), cfg.hidden_size, moe.shared_expert_intermediate_size
+        )
         _load_mlp(block.shared_expert, names, get)
     if block.shared_expert_gate is not None:
         _fill(

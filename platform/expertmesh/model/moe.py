@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.model.config import MoEConfig
 from expertmesh.model.experts import Dispatch, ExpertBackend, combine, plan_dispatch
 from expertmesh.model.layers import GatedMLP, Linear
-from expertmesh.model.routing import moge_routing, topk_routing
+from expertmesh.model.routing import moge_routing, noaux_tc_routing, topk_routing
 
 
 class SparseMoE(nn.Module):
@@ -19,6 +20,12 @@ class SparseMoE(nn.Module):
         self.moe, self.layer = moe, layer
         self.gate = Linear(hidden_size, moe.num_experts, bias=False)
         self.router_scale = nn.Parameter(torch.ones(1, moe.num_experts)) if moe.router_scale else None
+        # noaux_tc: the per-expert bias added for choosing experts only; kept in fp32 as released
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(moe.num_experts, dtype=torch.float32))
+            if moe.routing == "noaux_tc"
+            else None
+        )
         self.shared_expert = (
             GatedMLP(hidden_size, moe.shared_expert_intermediate_size)
             if moe.shared_expert_intermediate_size
@@ -29,6 +36,19 @@ class SparseMoE(nn.Module):
         self.last_expert_counts: list[int] = []  # rows per expert in the latest step, for metrics
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        moe = self.moe
+        if moe.routing == "noaux_tc":  # scored in fp32, as DeepSeek's gate is
+            logits = F.linear(x.float(), self.gate.weight.float())
+            weights, ids = noaux_tc_routing(
+                logits,
+                self.e_score_correction_bias,
+                moe.num_groups,
+                moe.topk_group,
+                moe.num_experts_per_tok,
+                moe.norm_topk_prob,
+                moe.routed_scaling_factor,
+            )
+            return weights.to(x.dtype), ids
         logits = self.gate(x)
         if self.moe.routing == "moge":
             return moge_routing(logits, self.moe.num_routing_groups, self.router_scale)

@@ -10,6 +10,7 @@ from expertmesh.model.config import ModelConfig
 from expertmesh.model.experts import ExpertBackend
 from expertmesh.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
 from expertmesh.model.micro_batch import split_forward_batch
+from expertmesh.model.mla import LatentKVCache, MultiHeadLatentAttention
 from expertmesh.model.moe import SparseMoE
 
 
@@ -17,14 +18,18 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.qkv_bias,
-            cfg.o_bias,
-            cfg.rms_norm_eps if cfg.qk_norm else None,
+        self.self_attn: nn.Module = (
+            MultiHeadLatentAttention(cfg.hidden_size, cfg.num_heads, cfg.mla)
+            if cfg.mla is not None
+            else Attention(
+                cfg.hidden_size,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                cfg.qkv_bias,
+                cfg.o_bias,
+                cfg.rms_norm_eps if cfg.qk_norm else None,
+            )
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module = (
@@ -33,7 +38,9 @@ class DecoderLayer(nn.Module):
             else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(self, x, rope, batch: ForwardBatch, cache: LayerKVCache | None) -> torch.Tensor:
+    def forward(
+        self, x, rope, batch: ForwardBatch, cache: LayerKVCache | LatentKVCache | None
+    ) -> torch.Tensor:
         return self.finish(self.start(x, rope, batch, cache))
 
     def start(self, x, rope, batch: ForwardBatch, cache, micro_batch: int = 0) -> tuple:
@@ -58,9 +65,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
-        )
+        self.rotary = RotaryEmbedding.of(cfg)
 
     @property
     def moe_blocks(self) -> list[SparseMoE]:
@@ -75,7 +80,7 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         batch: ForwardBatch,
-        caches: list[LayerKVCache] | None = None,
+        caches: list[LayerKVCache] | list[LatentKVCache] | None = None,
         split_at: int | None = None,
     ) -> torch.Tensor:
         """Flat token batch [T] -> final hidden states [T, H] (before the LM head).

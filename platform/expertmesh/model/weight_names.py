@@ -35,6 +35,34 @@ def mlp_tensors(prefix: str, hidden: int, inter: int) -> dict[str, tuple[str, Sh
     }
 
 
+def shared_expert_prefix(cfg: ModelConfig, layer: int) -> str:
+    """DeepSeek fuses its `n_shared_experts` under a plural name."""
+    return f"{moe_prefix(cfg, layer)}.{'shared_experts' if cfg.family == 'deepseek_v3' else 'shared_expert'}"
+
+
+def mla_tensors(cfg: ModelConfig, layer: int) -> dict[str, tuple[str, Shape]]:
+    """Multi-head latent attention: the low-rank query (or one q_proj), the joint latent-and-rope-key
+    projection, its norm, the latent's up-projection to per-head K (no rope) and V, and o_proj."""
+    mla, hidden, heads = cfg.mla, cfg.hidden_size, cfg.num_heads
+    base = f"{_layer(layer)}.self_attn"
+    names: dict[str, tuple[str, Shape]] = {
+        "kv_a": (f"{base}.kv_a_proj_with_mqa.weight", (mla.cache_width, hidden)),
+        "kv_a_norm": (f"{base}.kv_a_layernorm.weight", (mla.kv_lora_rank,)),
+        "kv_b": (
+            f"{base}.kv_b_proj.weight",
+            (heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank),
+        ),
+        "o": (f"{base}.o_proj.weight", (hidden, heads * mla.v_head_dim)),
+    }
+    if mla.q_lora_rank is None:
+        return names | {"q": (f"{base}.q_proj.weight", (heads * mla.qk_head_dim, hidden))}
+    return names | {
+        "q_a": (f"{base}.q_a_proj.weight", (mla.q_lora_rank, hidden)),
+        "q_a_norm": (f"{base}.q_a_layernorm.weight", (mla.q_lora_rank,)),
+        "q_b": (f"{base}.q_b_proj.weight", (heads * mla.qk_head_dim, mla.q_lora_rank)),
+    }
+
+
 def attention_tensors(cfg: ModelConfig, layer: int) -> dict[str, tuple[str, Shape]]:
     hidden, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     base = f"{_layer(layer)}.self_attn"

@@ -55,7 +55,7 @@ def partition_for(spec: RevisionSpec) -> ExpertPartition:
     if cfg.moe is None:
         raise ExpertMeshError(f"{spec.source}: a dense model cannot run disaggregated experts")
     moge = cfg.moe.num_routing_groups if cfg.moe.routing == "moge" else None
-    groups = spec.expert_parallel.groups or default_groups(cfg.moe.num_experts, moge)
+    groups = spec.expert_parallel.groups or default_groups(cfg.moe.num_experts, cfg.moe.routing_groups)
     if moge and groups != moge:
         raise ExpertMeshError(
             f"a MoGE model's expert groups are its {moge} routing groups, got groups={groups}"
@@ -184,6 +184,7 @@ class Engine:
             "pid": os.getpid(),
             "micro_batched_steps": self.engine.runner.micro_batched_steps,
             "kernels": self.engine.kernel_report,  # what the load-time guard chose here
+            "kv_cache": self.engine.cache.describe(self.engine.model.config),
         }
 
 
