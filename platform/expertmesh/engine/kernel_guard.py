@@ -29,6 +29,7 @@ from expertmesh.model.experts import (
     plan_dispatch,
 )
 from expertmesh.model.layers import GatedMLP, Linear, linear, silu_and_mul
+from expertmesh.model.mla import LatentKVCache, MultiHeadLatentAttention
 from expertmesh.model.transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,12 @@ def cases(model: CausalLM, size_class: str, tokens: int, gen: torch.Generator) -
     attn = model.layers[0].self_attn
     if isinstance(attn, Attention):  # MLA runs its RoPE and attention on torch's ops
         found.append(_rotary_case(model, attn, tokens, dtype, gen))
-    if size_class == DECODE and isinstance(attn, Attention):
-        found.append(
-            _attention_case(attn, tokens, min(DECODE_CONTEXT, cfg.max_position_embeddings), dtype, gen)
-        )
+    if size_class == DECODE:
+        context = min(DECODE_CONTEXT, cfg.max_position_embeddings)
+        if isinstance(attn, Attention):
+            found.append(_attention_case(attn, tokens, context, dtype, gen))
+        else:
+            found.append(_latent_attention_case(attn, tokens, context, dtype, gen))
     x = rows_of(cfg.hidden_size)
     found.append(Case("rms_norm", tokens, partial(model.norm.add_and_norm, x, x)))
     for inter in sorted({m.intermediate_size for m in model.modules() if isinstance(m, GatedMLP)}):
@@ -134,15 +137,28 @@ def cases(model: CausalLM, size_class: str, tokens: int, gen: torch.Generator) -
     return found
 
 
+def _scattered_slots(slots: int, gen: torch.Generator) -> torch.Tensor:
+    """[0, slots) in the order a paged cache hands them out: blocks of 16 consecutive slots,
+    the blocks anywhere."""
+    block = 16 if slots % 16 == 0 else 1
+    return (torch.randperm(slots // block, generator=gen)[:, None] * block + torch.arange(block)).flatten()
+
+
 def _scattered_cache(attn: Attention, slots: int, dtype: torch.dtype, gen: torch.Generator):
-    """A cache of `slots` random K/V rows, and its slots in the order a paged cache hands them
-    out: blocks of 16 consecutive slots, the blocks anywhere."""
+    """A cache of `slots` random K/V rows, and its slots in paged order."""
     cache = LayerKVCache(slots, attn.num_kv_heads, attn.head_dim, dtype)
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
-    block = 16 if slots % 16 == 0 else 1
-    order = torch.randperm(slots // block, generator=gen)[:, None] * block + torch.arange(block)
-    return cache, order.flatten()
+    return cache, _scattered_slots(slots, gen)
+
+
+def _decode_batch(seqs: int, context: int, slots: torch.Tensor) -> ForwardBatch:
+    return ForwardBatch(
+        positions=torch.full((seqs,), context - 1),
+        num_decode=seqs,
+        decode_slots=slots.view(seqs, context),
+        decode_lengths=torch.full((seqs,), context),
+    )
 
 
 def _attention_case(
@@ -150,14 +166,20 @@ def _attention_case(
 ) -> Case:
     """Decode attention: one query per sequence over `context` cached positions."""
     cache, slots = _scattered_cache(attn, seqs * context, dtype, gen)
-    batch = ForwardBatch(
-        positions=torch.full((seqs,), context - 1),
-        num_decode=seqs,
-        decode_slots=slots.view(seqs, context),
-        decode_lengths=torch.full((seqs,), context),
-    )
     q = torch.randn(seqs, attn.num_heads, attn.head_dim, generator=gen).to(dtype)
-    return Case("attention", seqs, partial(attn.decode, q, batch, cache))
+    return Case("attention", seqs, partial(attn.decode, q, _decode_batch(seqs, context, slots), cache))
+
+
+def _latent_attention_case(
+    attn: MultiHeadLatentAttention, seqs: int, context: int, dtype: torch.dtype, gen: torch.Generator
+) -> Case:
+    """MLA's decode attention: every head's latent-space query over `context` cached latent rows."""
+    width = attn.mla.cache_width
+    cache = LatentKVCache(seqs * context, width, dtype)
+    cache.latent.copy_(torch.randn(cache.latent.shape, generator=gen))
+    batch = _decode_batch(seqs, context, _scattered_slots(seqs * context, gen))
+    queries = torch.randn(seqs, attn.num_heads, width, generator=gen).to(dtype)
+    return Case("attention", seqs, partial(attn.attend_latent, queries, batch, cache))
 
 
 def _rotary_case(

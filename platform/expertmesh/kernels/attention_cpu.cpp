@@ -67,17 +67,18 @@ __attribute__((always_inline)) inline void prefetch_rows_ahead(const KV* k_cache
                                 int64_t row) {
   if (j + kRowsAhead < length) {
     prefetch(k_cache + slots[j + kRowsAhead] * row, row * sizeof(KV));
-    prefetch(v_cache + slots[j + kRowsAhead] * row, row * sizeof(KV));
+    if (v_cache != k_cache) prefetch(v_cache + slots[j + kRowsAhead] * row, row * sizeof(KV));
   }
 }
 
 // One sequence, every head: scores position by position, softmax head by head, then the
-// weighted sum of V position by position.
+// weighted sum of V position by position. Keys are `dim` wide, values `v_dim`, and one cache
+// slot (`row` values) holds every KV head; MLA's latent cache passes the same rows as K and V,
+// its values the first v_dim of each key.
 template <typename KV>
 void attend(const float* q, const KV* k_cache, const KV* v_cache, const int64_t* slots, int64_t length,
-            int64_t kv_heads, int64_t group, int64_t dim, float scale, float* out) {
-  const int64_t vectors = dim / kLanes, heads = kv_heads * group;
-  const int64_t row = kv_heads * dim;  // one cache slot holds every KV head
+            int64_t kv_heads, int64_t group, int64_t dim, int64_t v_dim, int64_t row, float scale, float* out) {
+  const int64_t vectors = dim / kLanes, v_vectors = v_dim / kLanes, heads = kv_heads * group;
   std::vector<float> scores(heads * length);  // [head, position]
   for (int64_t j = 0; j < length; ++j) {  // position by position, whole cache rows
     prefetch_rows_ahead(k_cache, v_cache, slots, j, length, row);
@@ -91,14 +92,14 @@ void attend(const float* q, const KV* k_cache, const KV* v_cache, const int64_t*
     }
   }
   for (int64_t h = 0; h < heads; ++h) softmax_in_place(scores.data() + h * length, length);
-  for (int64_t i = 0; i < heads * vectors; ++i) store(out + i * kLanes, vec{});
+  for (int64_t i = 0; i < heads * v_vectors; ++i) store(out + i * kLanes, vec{});
   for (int64_t j = 0; j < length; ++j) {
     const KV* value_row = v_cache + slots[j] * row;
     for (int64_t h = 0; h < heads; ++h) {
-      const KV* value = value_row + (h / group) * dim;
+      const KV* value = value_row + (h / group) * v_dim;
       const vec weight = broadcast(scores[h * length + j]);
-      float* dst = out + h * dim;
-      for (int64_t v = 0; v < vectors; ++v) store(dst + v * kLanes, load(dst + v * kLanes) + weight * load(value + v * kLanes));
+      float* dst = out + h * v_dim;
+      for (int64_t v = 0; v < v_vectors; ++v) store(dst + v * kLanes, load(dst + v * kLanes) + weight * load(value + v * kLanes));
     }
   }
 }
@@ -216,21 +217,30 @@ void attend_bf16(const at::BFloat16* q, const at::BFloat16* k_cache, const at::B
 }
 #endif
 
+// Every sequence, in parallel: q [n, heads, dim] fp32, out [n, heads, v_dim] fp32.
 template <typename KV>
-void attend_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                const std::vector<int64_t>& lengths, float scale, at::Tensor& out) {
+void attend_all(const at::Tensor& q, const KV* k_data, const KV* v_data, int64_t kv_heads, int64_t v_dim, int64_t row,
+                const at::Tensor& slots, const std::vector<int64_t>& lengths, float scale, at::Tensor& out) {
   const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t kv_heads = k_cache.size(1), group = heads / kv_heads, width = slots.size(1);
+  const int64_t group = heads / kv_heads, width = slots.size(1);
   const float* q_data = q.data_ptr<float>();
-  const KV* k_data = k_cache.data_ptr<KV>();
-  const KV* v_data = v_cache.data_ptr<KV>();
   const int64_t* slot_data = slots.data_ptr<int64_t>();
   float* out_data = out.data_ptr<float>();
   dynamic_for(seqs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t seq = begin; seq < end; ++seq)
       attend<KV>(q_data + seq * heads * dim, k_data, v_data, slot_data + seq * width, lengths[seq], kv_heads, group,
-                 dim, scale, out_data + seq * heads * dim);
+                 dim, v_dim, row, scale, out_data + seq * heads * v_dim);
   });
+}
+
+std::vector<int64_t> checked_lengths(const at::Tensor& lengths, const at::Tensor& slots, int64_t seqs) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2 && slots.size(0) == seqs,
+              "slots must be contiguous int64 [n, L]");
+  auto lengths_cpu = lengths.to(at::kLong).contiguous();
+  std::vector<int64_t> lens(lengths_cpu.data_ptr<int64_t>(), lengths_cpu.data_ptr<int64_t>() + lengths_cpu.numel());
+  TORCH_CHECK(static_cast<int64_t>(lens.size()) == seqs, "one length per sequence");
+  for (int64_t n : lens) TORCH_CHECK(n >= 1 && n <= slots.size(1), "lengths must be in [1, L]");
+  return lens;
 }
 
 }  // namespace
@@ -246,14 +256,9 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches must share a dtype");
   TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16,
               "KV cache must be fp32 or bf16");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == q.size(0),
-              "slots must be contiguous int64 [n, L]");
   TORCH_CHECK(q.size(2) % kLanes == 0 && k_cache.size(2) == q.size(2), "head_dim must match and be a multiple of ", kLanes);
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
-  auto lengths_cpu = lengths.to(at::kLong).contiguous();
-  std::vector<int64_t> lens(lengths_cpu.data_ptr<int64_t>(), lengths_cpu.data_ptr<int64_t>() + lengths_cpu.numel());
-  TORCH_CHECK(static_cast<int64_t>(lens.size()) == q.size(0), "one length per sequence");
-  for (int64_t n : lens) TORCH_CHECK(n >= 1 && n <= slots.size(1), "lengths must be in [1, L]");
+  const auto lens = checked_lengths(lengths, slots, q.size(0));
 
   const float s = static_cast<float>(scale);
 #if defined(__AVX512BF16__)
@@ -275,10 +280,41 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
 #endif
   auto q_float = q.to(at::kFloat).contiguous();
   auto out = at::empty_like(q_float);
+  const int64_t kv_heads = k_cache.size(1), dim = q.size(2);
   if (k_cache.scalar_type() == at::kFloat) {
-    attend_all<float>(q_float, k_cache, v_cache, slots, lens, s, out);
+    attend_all<float>(q_float, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), kv_heads, dim, kv_heads * dim,
+                      slots, lens, s, out);
   } else {
-    attend_all<at::BFloat16>(q_float, k_cache, v_cache, slots, lens, s, out);
+    attend_all<at::BFloat16>(q_float, k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), kv_heads,
+                             dim, kv_heads * dim, slots, lens, s, out);
+  }
+  return out.to(q.scalar_type());
+}
+
+// MLA's absorbed decode: q [n, heads, W] (latent-space queries then rope queries) fp32 or bf16;
+// latent [slots, W] (the normed latent then the rope key) fp32 or bf16; slots [n, L] int64 and
+// lengths [n] as above. Every head attends over the one latent row of each position, whose first
+// v_dim values are also its value. Returns [n, heads, v_dim] in q's dtype.
+at::Tensor mla_decode_attention(at::Tensor q, at::Tensor latent, at::Tensor slots, at::Tensor lengths, int64_t v_dim,
+                                double scale) {
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) && q.dim() == 3,
+              "q must be [n, heads, W] fp32 or bf16");
+  TORCH_CHECK(latent.is_contiguous() && latent.dim() == 2 &&
+                  (latent.scalar_type() == at::kFloat || latent.scalar_type() == at::kBFloat16),
+              "the latent cache must be contiguous [slots, W] fp32 or bf16");
+  const int64_t width = latent.size(1);
+  TORCH_CHECK(q.size(2) == width && width % kLanes == 0, "q and the latent cache must be W wide, W a multiple of ", kLanes);
+  TORCH_CHECK(v_dim > 0 && v_dim <= width && v_dim % kLanes == 0, "v_dim must be in (0, W] and a multiple of ", kLanes);
+  const auto lens = checked_lengths(lengths, slots, q.size(0));
+  auto q_float = q.to(at::kFloat).contiguous();
+  auto out = at::empty({q.size(0), q.size(1), v_dim}, q_float.options());
+  const float s = static_cast<float>(scale);
+  if (latent.scalar_type() == at::kFloat) {
+    const float* rows = latent.data_ptr<float>();
+    attend_all<float>(q_float, rows, rows, 1, v_dim, width, slots, lens, s, out);
+  } else {
+    const at::BFloat16* rows = latent.data_ptr<at::BFloat16>();
+    attend_all<at::BFloat16>(q_float, rows, rows, 1, v_dim, width, slots, lens, s, out);
   }
   return out.to(q.scalar_type());
 }

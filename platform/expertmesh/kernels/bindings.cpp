@@ -7,6 +7,8 @@ at::Tensor fused_experts(at::Tensor hidden, at::Tensor offsets, at::Tensor gate_
 std::vector<at::Tensor> pack_experts(at::Tensor gate_up, at::Tensor down);
 at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots,
                             at::Tensor lengths, double scale);
+at::Tensor mla_decode_attention(at::Tensor q, at::Tensor latent, at::Tensor slots, at::Tensor lengths, int64_t v_dim,
+                                double scale);
 at::Tensor small_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 at::Tensor pack_linear(at::Tensor weight);
 bool has_bf16_dot();
@@ -35,6 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_combine", &expertmesh::moe_combine, "each token's expert rows summed (+ shared), as index_add_ sums them", ReleaseGil(),
         py::arg("routed"), py::arg("rows_of"), py::arg("shared") = py::none());
   m.def("decode_attention", &expertmesh::decode_attention, "one-token attention read from the paged KV cache", ReleaseGil());
+  m.def("mla_decode_attention", &expertmesh::mla_decode_attention,
+        "MLA's absorbed one-token attention read from the paged latent cache", ReleaseGil());
   m.def("small_linear", &expertmesh::small_linear, "x W^T (+ b) for a few rows, W as nn.Linear stores it", ReleaseGil(),
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("pack_linear", &expertmesh::pack_linear, "an [N, K] weight in packed_linear's column-block layout", ReleaseGil());

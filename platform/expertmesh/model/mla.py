@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expertmesh.kernels import native_kernels
+from expertmesh.kernels.guard import use_native
 from expertmesh.model.attention import ForwardBatch, LayerKVCache, PrefillSpan
 from expertmesh.model.config import MLAConfig
 from expertmesh.model.layers import Linear, RMSNorm, apply_rotary
@@ -118,19 +120,38 @@ class MultiHeadLatentAttention(nn.Module):
 
     def decode(self, q: torch.Tensor, batch: ForwardBatch, cache: LatentKVCache) -> torch.Tensor:
         """Absorbed attention of one query per sequence over its cached latents: [n, heads, v]."""
-        mla = self.mla
+        nope = self.mla.qk_nope_head_dim
         w_uk, w_uv_t = self.absorbed()
-        q_latent = torch.bmm(q[..., : mla.qk_nope_head_dim].transpose(0, 1), w_uk).transpose(0, 1)
-        queries = torch.cat([q_latent, q[..., mla.qk_nope_head_dim :]], dim=-1).unsqueeze(1)
-        context = cache.gather(batch.decode_slots).unsqueeze(1)  # [n, 1, L, latent + rope]
-        out = F.scaled_dot_product_attention(
-            queries,
-            context,
-            context[..., : mla.kv_lora_rank],
-            attn_mask=batch.decode_mask,
-            scale=mla.softmax_scale,
-        )  # [n, 1, heads, latent]
-        return torch.bmm(out.squeeze(1).transpose(0, 1), w_uv_t).transpose(0, 1)
+        q_latent = torch.bmm(q[..., :nope].transpose(0, 1), w_uk).transpose(0, 1)
+        queries = torch.cat([q_latent, q[..., nope:]], dim=-1)  # [n, heads, latent + rope]
+        out = self.attend_latent(queries, batch, cache)  # [n, heads, latent]
+        return torch.bmm(out.transpose(0, 1), w_uv_t).transpose(0, 1)
+
+    def attend_latent(self, queries: torch.Tensor, batch: ForwardBatch, cache: LatentKVCache) -> torch.Tensor:
+        """Every head of each sequence's latent-space query [n, heads, latent + rope] over its cached
+        rows, the latent part of each row also its value: [n, heads, latent]."""
+        mla, num_seqs = self.mla, queries.shape[0]
+        kernels = native_kernels()
+        if (
+            kernels is not None
+            and batch.decode_lengths is not None
+            and mla.cache_width % 16 == 0
+            and mla.kv_lora_rank % 16 == 0
+            and use_native("attention", num_seqs)
+        ):  # reads each cached row in place, once for every head
+            return kernels.mla_decode_attention(
+                queries,
+                cache.latent,
+                batch.decode_slots,
+                batch.decode_lengths,
+                mla.kv_lora_rank,
+                mla.softmax_scale,
+            )
+        # As plain matmuls: SDPA takes a value narrower than the key only on its slow math path.
+        context = cache.gather(batch.decode_slots)  # [n, L, latent + rope]
+        scores = torch.bmm(queries * mla.softmax_scale, context.transpose(1, 2)).float()
+        scores.masked_fill_(~batch.decode_mask.view(num_seqs, 1, -1), float("-inf"))
+        return torch.bmm(torch.softmax(scores, dim=-1).to(context.dtype), context[..., : mla.kv_lora_rank])
 
     def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [heads, nope, latent], W_UV transposed [heads, latent, v]) from kv_b_proj, made once
