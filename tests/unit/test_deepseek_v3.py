@@ -14,6 +14,8 @@ from safetensors import safe_open
 from expertmesh import LLM, SamplingParams
 from expertmesh.engine.kv_cache import KVCache, bytes_per_token
 from expertmesh.errors import CheckpointError
+from expertmesh.kernels import native_kernels
+from expertmesh.kernels.guard import CHOICES, NATIVE, TORCH
 from expertmesh.model.attention import ForwardBatch, PrefillSpan
 from expertmesh.model.checkpoint_maker import checkpoint_config, make_checkpoint
 from expertmesh.model.config import ModelConfig
@@ -117,3 +119,20 @@ def test_bf16_keeps_the_correction_bias_in_fp32_and_serves(checkpoint):
     assert block.gate.weight.dtype == torch.bfloat16
     out = llm.generate(["hello world"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_the_guard_times_mla_decode_and_both_paths_give_the_same_tokens(checkpoint):
+    """The load-time guard measures MLA's decode attention as its `attention` op (the native
+    kernel reading the latent cache in place against two torch matmuls), and greedy decoding
+    is the same on either path."""
+    if native_kernels() is None:
+        pytest.skip("the native kernels did not build here")
+    llm = LLM(checkpoint, "float32", show_progress=False)
+    assert any(line.startswith("attention decode") for line in llm.engine.kernel_report)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    prompts = ["def main():", "the quick brown fox jumps over", "1, 2, 3,"]
+    outputs = {}
+    for path in (NATIVE, TORCH):
+        with CHOICES.forced("attention", path):
+            outputs[path] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs[NATIVE] == outputs[TORCH]

@@ -166,8 +166,12 @@ def test_decode_attention_matches_softmax_over_the_gathered_context(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,width,v_dim", [(4, 48, 32), (8, 576, 512), (1, 32, 32)])
-def test_mla_decode_attention_attends_every_head_over_the_latent_rows(heads, width, v_dim, dtype, level_kernels):
+@pytest.mark.parametrize(
+    "heads,width,v_dim", [(4, 48, 32), (8, 576, 512), (1, 32, 32), (6, 80, 48), (3, 96, 80)]
+)
+def test_mla_decode_attention_attends_every_head_over_the_latent_rows(
+    heads, width, v_dim, dtype, level_kernels
+):
     """MLA's absorbed decode: one latent row per position serves every head, as key (all W
     values) and as value (its first v_dim)."""
     gen = torch.Generator().manual_seed(width + heads)

@@ -56,6 +56,8 @@ void softmax_in_place(float* s, int64_t n) {
   for (int64_t j = whole; j < n; ++j) s[j] *= inverse;
 }
 
+constexpr int64_t kValueBlock = 16;  // positions: one cache block's V rows (8 KB at 4 x 64 dims)
+
 // The key pass asks for the K and V rows this many positions ahead (V too: the value pass then
 // reads it from cache): the cache's blocks lie anywhere, and the hardware prefetchers stop at
 // each block's (and page's) end. A decode step at 32 sequences (8 layers, 130 - 192 positions):
@@ -67,18 +69,17 @@ __attribute__((always_inline)) inline void prefetch_rows_ahead(const KV* k_cache
                                 int64_t row) {
   if (j + kRowsAhead < length) {
     prefetch(k_cache + slots[j + kRowsAhead] * row, row * sizeof(KV));
-    if (v_cache != k_cache) prefetch(v_cache + slots[j + kRowsAhead] * row, row * sizeof(KV));
+    if (v_cache != k_cache) prefetch(v_cache + slots[j + kRowsAhead] * row, row * sizeof(KV));  // MLA: one row
   }
 }
 
 // One sequence, every head: scores position by position, softmax head by head, then the
-// weighted sum of V position by position. Keys are `dim` wide, values `v_dim`, and one cache
-// slot (`row` values) holds every KV head; MLA's latent cache passes the same rows as K and V,
-// its values the first v_dim of each key.
+// weighted sum of V position by position.
 template <typename KV>
 void attend(const float* q, const KV* k_cache, const KV* v_cache, const int64_t* slots, int64_t length,
-            int64_t kv_heads, int64_t group, int64_t dim, int64_t v_dim, int64_t row, float scale, float* out) {
-  const int64_t vectors = dim / kLanes, v_vectors = v_dim / kLanes, heads = kv_heads * group;
+            int64_t kv_heads, int64_t group, int64_t dim, float scale, float* out) {
+  const int64_t vectors = dim / kLanes, heads = kv_heads * group;
+  const int64_t row = kv_heads * dim;  // one cache slot holds every KV head
   std::vector<float> scores(heads * length);  // [head, position]
   for (int64_t j = 0; j < length; ++j) {  // position by position, whole cache rows
     prefetch_rows_ahead(k_cache, v_cache, slots, j, length, row);
@@ -92,16 +93,120 @@ void attend(const float* q, const KV* k_cache, const KV* v_cache, const int64_t*
     }
   }
   for (int64_t h = 0; h < heads; ++h) softmax_in_place(scores.data() + h * length, length);
-  for (int64_t i = 0; i < heads * v_vectors; ++i) store(out + i * kLanes, vec{});
+  for (int64_t i = 0; i < heads * vectors; ++i) store(out + i * kLanes, vec{});
   for (int64_t j = 0; j < length; ++j) {
     const KV* value_row = v_cache + slots[j] * row;
     for (int64_t h = 0; h < heads; ++h) {
-      const KV* value = value_row + (h / group) * v_dim;
+      const KV* value = value_row + (h / group) * dim;
       const vec weight = broadcast(scores[h * length + j]);
-      float* dst = out + h * v_dim;
-      for (int64_t v = 0; v < v_vectors; ++v) store(dst + v * kLanes, load(dst + v * kLanes) + weight * load(value + v * kLanes));
+      float* dst = out + h * dim;
+      for (int64_t v = 0; v < vectors; ++v) store(dst + v * kLanes, load(dst + v * kLanes) + weight * load(value + v * kLanes));
     }
   }
+}
+
+// MLA's absorbed decode: every query head attends over the same row per position (one KV head
+// of width `dim`, its first `v_dim` values the value), so the work is heads x (dim + v_dim)
+// multiply-adds a row, several times the GQA kernel's, and register tiles pay. Scores: two
+// positions' keys against four heads' queries per step, 8 independent accumulators (one chain
+// of dependent adds per head stalled on the add latency). Values: a block of positions at a time,
+// kHeadTile heads x 4 vectors of output held in registers over the block, so each value vector
+// and weight loaded feeds several multiply-adds.
+constexpr int kScoreHeads = 4, kScorePositions = 2, kValueVectors = 4;
+constexpr int kHeadTile = kVectorRegisters >= 32 ? 4 : 2;  // 16 (or 8) accumulators
+
+template <typename KV, int NH>
+inline void latent_scores(const float* q, const KV* const* keys, int np, int64_t vectors, int64_t dim, float* out,
+                          int64_t length) {
+  vec acc[kScorePositions][NH] = {};
+  for (int64_t v = 0; v < vectors; ++v) {
+    vec key[kScorePositions];
+    for (int p = 0; p < kScorePositions; ++p) key[p] = p < np ? load(keys[p] + v * kLanes) : vec{};
+    for (int h = 0; h < NH; ++h) {
+      const vec query = load(q + h * dim + v * kLanes);
+      for (int p = 0; p < kScorePositions; ++p) acc[p][h] += query * key[p];
+    }
+  }
+  for (int p = 0; p < np; ++p)
+    for (int h = 0; h < NH; ++h) out[h * length + p] = tree_sum(acc[p][h]);
+}
+
+// dst[h * v_dim + (0, NV vectors)] += the weighted sum over positions [begin, end) of NV vectors
+// of each row (at `offset`), for NH heads, weights[h * length + pos].
+template <typename KV, int NH, int NV>
+inline void latent_values(const KV* cache, const int64_t* slots, int64_t begin, int64_t end, int64_t row,
+                          int64_t offset, const float* weights, int64_t length, float* dst, int64_t v_dim) {
+  vec acc[NH][NV];
+  for (int h = 0; h < NH; ++h)
+    for (int v = 0; v < NV; ++v) acc[h][v] = load(dst + h * v_dim + v * kLanes);
+  for (int64_t pos = begin; pos < end; ++pos) {
+    const KV* value = cache + slots[pos] * row + offset;
+    vec x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = load(value + v * kLanes);
+    for (int h = 0; h < NH; ++h) {
+      const vec weight = broadcast(weights[h * length + pos]);
+      for (int v = 0; v < NV; ++v) acc[h][v] += weight * x[v];
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int v = 0; v < NV; ++v) store(dst + h * v_dim + v * kLanes, acc[h][v]);
+}
+
+// One block of positions into every head's output: tiles of kHeadTile heads x kValueVectors
+// vectors, then the heads and vectors left over one at a time.
+template <typename KV>
+void latent_values_block(const KV* cache, const int64_t* slots, int64_t begin, int64_t end, int64_t row,
+                         const float* scores, int64_t length, int64_t heads, float* out, int64_t v_dim) {
+  const int64_t vectors = v_dim / kLanes, whole = vectors / kValueVectors * kValueVectors;
+  for (int64_t v = 0; v < vectors;) {
+    const bool tile = v < whole;
+    int64_t h = 0;
+    for (; tile && h + kHeadTile <= heads; h += kHeadTile)
+      latent_values<KV, kHeadTile, kValueVectors>(cache, slots, begin, end, row, v * kLanes, scores + h * length,
+                                                  length, out + h * v_dim + v * kLanes, v_dim);
+    for (; h < heads; ++h) {
+      if (tile)
+        latent_values<KV, 1, kValueVectors>(cache, slots, begin, end, row, v * kLanes, scores + h * length, length,
+                                            out + h * v_dim + v * kLanes, v_dim);
+      else
+        latent_values<KV, 1, 1>(cache, slots, begin, end, row, v * kLanes, scores + h * length, length,
+                                out + h * v_dim + v * kLanes, v_dim);
+    }
+    v += tile ? kValueVectors : 1;
+  }
+}
+
+template <typename KV>
+void attend_latent(const float* q, const KV* cache, const int64_t* slots, int64_t length, int64_t heads, int64_t dim,
+                   int64_t v_dim, float scale, float* out) {
+  const int64_t vectors = dim / kLanes;
+  std::vector<float> scores(heads * length);  // [head, position]
+  for (int64_t j = 0; j < length; j += kScorePositions) {
+    const int np = static_cast<int>(std::min<int64_t>(kScorePositions, length - j));
+    const KV* keys[kScorePositions];
+    for (int p = 0; p < kScorePositions; ++p) {
+      keys[p] = cache + slots[j + std::min(p, np - 1)] * dim;
+      prefetch_rows_ahead(cache, cache, slots, j + p, length, dim);
+    }
+    for (int64_t h = 0; h < heads; h += kScoreHeads) {
+      float* dst = scores.data() + h * length + j;
+      switch (std::min<int64_t>(kScoreHeads, heads - h)) {
+        case 1: latent_scores<KV, 1>(q + h * dim, keys, np, vectors, dim, dst, length); break;
+        case 2: latent_scores<KV, 2>(q + h * dim, keys, np, vectors, dim, dst, length); break;
+        case 3: latent_scores<KV, 3>(q + h * dim, keys, np, vectors, dim, dst, length); break;
+        default: latent_scores<KV, 4>(q + h * dim, keys, np, vectors, dim, dst, length);
+      }
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    float* row_scores = scores.data() + h * length;
+    for (int64_t j = 0; j < length; ++j) row_scores[j] *= scale;
+    softmax_in_place(row_scores, length);
+  }
+  std::fill(out, out + heads * v_dim, 0.0f);
+  for (int64_t begin = 0; begin < length; begin += kValueBlock)
+    latent_values_block(cache, slots, begin, std::min(length, begin + kValueBlock), dim, scores.data(), length, heads,
+                        out, v_dim);
 }
 
 #if defined(__AVX512BF16__)
@@ -129,7 +234,6 @@ inline vec lane_sums(vec (&a)[kLanes]) {
   return __builtin_shuffle(d[0], d[1], lo4) + __builtin_shuffle(d[0], d[1], hi4);
 }
 
-constexpr int64_t kValueBlock = 16;  // positions: one cache block's V rows (8 KB at 4 x 64 dims)
 
 // dst[h * dim + (0, 16)] (even, odd lanes of one 32-dim piece, NH heads) += the weighted sum over
 // positions [begin, end) of that piece of each V row (at `offset` in the row), weights[h * length + pos].
@@ -217,19 +321,20 @@ void attend_bf16(const at::BFloat16* q, const at::BFloat16* k_cache, const at::B
 }
 #endif
 
-// Every sequence, in parallel: q [n, heads, dim] fp32, out [n, heads, v_dim] fp32.
 template <typename KV>
-void attend_all(const at::Tensor& q, const KV* k_data, const KV* v_data, int64_t kv_heads, int64_t v_dim, int64_t row,
-                const at::Tensor& slots, const std::vector<int64_t>& lengths, float scale, at::Tensor& out) {
+void attend_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                const std::vector<int64_t>& lengths, float scale, at::Tensor& out) {
   const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t group = heads / kv_heads, width = slots.size(1);
+  const int64_t kv_heads = k_cache.size(1), group = heads / kv_heads, width = slots.size(1);
   const float* q_data = q.data_ptr<float>();
+  const KV* k_data = k_cache.data_ptr<KV>();
+  const KV* v_data = v_cache.data_ptr<KV>();
   const int64_t* slot_data = slots.data_ptr<int64_t>();
   float* out_data = out.data_ptr<float>();
   dynamic_for(seqs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t seq = begin; seq < end; ++seq)
       attend<KV>(q_data + seq * heads * dim, k_data, v_data, slot_data + seq * width, lengths[seq], kv_heads, group,
-                 dim, v_dim, row, scale, out_data + seq * heads * v_dim);
+                 dim, scale, out_data + seq * heads * dim);
   });
 }
 
@@ -280,13 +385,10 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
 #endif
   auto q_float = q.to(at::kFloat).contiguous();
   auto out = at::empty_like(q_float);
-  const int64_t kv_heads = k_cache.size(1), dim = q.size(2);
   if (k_cache.scalar_type() == at::kFloat) {
-    attend_all<float>(q_float, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), kv_heads, dim, kv_heads * dim,
-                      slots, lens, s, out);
+    attend_all<float>(q_float, k_cache, v_cache, slots, lens, s, out);
   } else {
-    attend_all<at::BFloat16>(q_float, k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), kv_heads,
-                             dim, kv_heads * dim, slots, lens, s, out);
+    attend_all<at::BFloat16>(q_float, k_cache, v_cache, slots, lens, s, out);
   }
   return out.to(q.scalar_type());
 }
@@ -307,15 +409,23 @@ at::Tensor mla_decode_attention(at::Tensor q, at::Tensor latent, at::Tensor slot
   TORCH_CHECK(v_dim > 0 && v_dim <= width && v_dim % kLanes == 0, "v_dim must be in (0, W] and a multiple of ", kLanes);
   const auto lens = checked_lengths(lengths, slots, q.size(0));
   auto q_float = q.to(at::kFloat).contiguous();
-  auto out = at::empty({q.size(0), q.size(1), v_dim}, q_float.options());
+  const int64_t seqs = q.size(0), heads = q.size(1), L = slots.size(1);
+  auto out = at::empty({seqs, heads, v_dim}, q_float.options());
   const float s = static_cast<float>(scale);
-  if (latent.scalar_type() == at::kFloat) {
-    const float* rows = latent.data_ptr<float>();
-    attend_all<float>(q_float, rows, rows, 1, v_dim, width, slots, lens, s, out);
-  } else {
-    const at::BFloat16* rows = latent.data_ptr<at::BFloat16>();
-    attend_all<at::BFloat16>(q_float, rows, rows, 1, v_dim, width, slots, lens, s, out);
-  }
+  const float* q_data = q_float.data_ptr<float>();
+  const int64_t* slot_data = slots.data_ptr<int64_t>();
+  float* out_data = out.data_ptr<float>();
+  dynamic_for(seqs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t seq = begin; seq < end; ++seq) {
+      const float* query = q_data + seq * heads * width;
+      float* dst = out_data + seq * heads * v_dim;
+      if (latent.scalar_type() == at::kFloat)
+        attend_latent<float>(query, latent.data_ptr<float>(), slot_data + seq * L, lens[seq], heads, width, v_dim, s, dst);
+      else
+        attend_latent<at::BFloat16>(query, latent.data_ptr<at::BFloat16>(), slot_data + seq * L, lens[seq], heads, width,
+                                    v_dim, s, dst);
+    }
+  });
   return out.to(q.scalar_type());
 }
 
