@@ -22,6 +22,7 @@ CRD = yaml.safe_load((ROOT / "helm" / "expertmesh" / "crds" / f"{CRD_NAME}.yaml"
 EXPECTED = {  # file -> (served name, expert pools per revision)
     "pangu-pro-moe.yaml": ("pangu-pro-moe", 8),
     "qwen3-moe.yaml": ("qwen3-moe", 8),
+    "deepseek-v3.yaml": ("deepseek-v3", 8),
     "llama.yaml": ("llama-chat", 0),
 }
 
