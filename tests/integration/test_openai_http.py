@@ -229,7 +229,8 @@ def test_chat_completion_sends_the_rendered_template_and_streams_the_same_text(
         "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWrite a loop.<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    assert engines.prompts[result.id] == rendered
+    # sent as rendered: no special tokens of the tokenizer's own (the template writes its own)
+    assert engines.prompts[result.id] == pangu_llm.engine.tokenize(rendered, add_special_tokens=False)[1]
     assert result.id.startswith("chatcmpl-") and result.object == "chat.completion"
     (choice,) = result.choices
     assert choice.message.role == "assistant"

@@ -90,9 +90,9 @@ def expected_layer(arch: str, c: dict) -> dict[str, tuple[int, ...]]:
     return t
 
 
-# DeepSeek-V3's layout is checked by transformers' own model reading it, and its MTP layer
-# below (tests/unit/test_deepseek_v3.py)
-@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "deepseek_v3"])
+# The DeepSeek-V3 architecture's layouts are checked by transformers' own model reading them
+# (tests/unit/test_deepseek_v3.py, test_pangu_ultra_moe.py)
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in ("deepseek_v3", "pangu_ultra_moe")])
 def test_every_tensor_has_the_family_name_and_shape(tiny, arch):
     config = json.loads((tiny[arch] / "config.json").read_text())
     V, H = config["vocab_size"], config["hidden_size"]
@@ -132,10 +132,12 @@ def test_configs_carry_the_family_keys():
         for size in SIZES:
             config = checkpoint_config(arch, size)
             assert config["tie_word_embeddings"] is False
-            assert config["rms_norm_eps"] == (1e-5 if arch == "pangu_embedded" else 1e-6)
+            assert config["rms_norm_eps"] == (
+                1e-5 if arch.startswith("pangu_") and arch != "pangu_pro_moe" else 1e-6
+            )
             assert config["torch_dtype"] == "float32"
             assert config["num_attention_heads"] % config["num_key_value_heads"] == 0
-            if arch not in ("llama", "pangu_embedded", "deepseek_v3"):
+            if arch not in ("llama", "pangu_embedded", "deepseek_v3", "pangu_ultra_moe"):
                 assert config["rope_theta"] == 1e6
             if arch == "pangu_pro_moe":
                 assert config["num_experts"] % config["num_experts_per_tok"] == 0

@@ -67,7 +67,9 @@ class EngineClient(Protocol):
         ...
 
     async def tokenize(self, model: str, text: str) -> list[int]:
-        """Token ids of ``text`` as the model's engine would encode a prompt."""
+        """Token ids of a rendered chat prompt: the text exactly, no special tokens added (the
+        template writes its own), as transformers' apply_chat_template and vLLM's chat endpoint
+        encode it."""
         ...
 
 
@@ -143,7 +145,7 @@ class LocalEngineClient:
         )
 
     async def tokenize(self, model: str, text: str) -> list[int]:
-        return self.engine(model).engine.tokenize(text)[1]
+        return self.engine(model).engine.tokenize(text, add_special_tokens=False)[1]
 
     def shutdown(self) -> None:
         for served in self._models.values():

@@ -160,9 +160,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     info = _model_info(client, body.model)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     try:
-        prompt = info.chat_template.render(messages)
+        rendered = info.chat_template.render(messages)
     except InvalidMessagesError as exc:
         raise bad_request(str(exc), "messages") from exc
+    prompt = await client.tokenize(body.model, rendered)  # as rendered: no BOS of the tokenizer's own
     # vLLM's default for chat: until EOS or a full context (the engine stops at max_model_len).
     params = body.sampling_params(default_max_tokens=info.max_model_len)
     call = _Call(new_id("chatcmpl"), body.model, bool(body.stream), body.include_usage, "messages")

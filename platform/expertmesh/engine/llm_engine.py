@@ -196,11 +196,15 @@ class LLMEngine:
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def tokenize(
+        self, prompt: str | list[int], add_special_tokens: bool = True
+    ) -> tuple[str | None, list[int]]:
+        """(text, ids) of a prompt: a text is encoded with the tokenizer's special tokens, as vLLM
+        encodes completion prompts; a rendered chat template passes `add_special_tokens=False`."""
         if isinstance(prompt, str):
             if self.detokenizer is None:
                 raise InvalidRequestError("this engine has no tokenizer: pass prompts as token ids")
-            return prompt, self.detokenizer.encode(prompt)
+            return prompt, self.detokenizer.encode(prompt, add_special_tokens)
         return None, list(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -35,6 +35,7 @@ ARCHITECTURES = (
     "pangu_pro_moe",
     "pangu_embedded",
     "deepseek_v3",
+    "pangu_ultra_moe",
     "qwen2_moe",
     "qwen3_moe",
     "mixtral",
@@ -85,6 +86,8 @@ _EXPERTS = {
     ("mixtral", "small"): (32, 2),
     ("deepseek_v3", "tiny"): (16, 4),
     ("deepseek_v3", "small"): (32, 4),
+    ("pangu_ultra_moe", "tiny"): (16, 4),
+    ("pangu_ultra_moe", "small"): (32, 4),
 }
 
 # DeepSeek-V3's MLA and routing at each size. `small` keeps the release's per-head MLA dimensions
@@ -122,10 +125,11 @@ _IDENTITY = {
     "llama": ("LlamaForCausalLM", "llama"),
     "pangu_embedded": ("PanguEmbeddedForCausalLM", "PanguEmbedded"),
     "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3"),
+    "pangu_ultra_moe": ("PanguUltraMoEForCausalLM", "pangu_ultra_moe"),
 }
 
 # Families whose releases ship a SentencePiece tokenizer.model (and no tokenizer.json).
-SENTENCEPIECE_ARCHITECTURES = ("pangu_embedded",)
+SENTENCEPIECE_ARCHITECTURES = ("pangu_embedded", "pangu_ultra_moe")
 
 # Written dtype -> (torch dtype, safetensors dtype tag).
 _DTYPES = {"float32": (torch.float32, "F32"), "bfloat16": (torch.bfloat16, "BF16")}
@@ -185,6 +189,8 @@ def checkpoint_config(arch: str, size: str, dtype: str = "float32") -> dict:
     experts, per_token = _EXPERTS[arch, size]
     if arch == "deepseek_v3":
         return _deepseek_config(config, size, experts, per_token)
+    if arch == "pangu_ultra_moe":
+        return _pangu_ultra_config(_deepseek_config(config, size, experts, per_token))
     if arch == "mixtral":
         config.update(
             num_local_experts=experts,
@@ -255,6 +261,24 @@ def _deepseek_config(config: dict, size: str, experts: int, per_token: int) -> d
     return config
 
 
+def _pangu_ultra_config(config: dict) -> dict:
+    """openPangu-Ultra-MoE on DeepSeek-V3's keys, as mainline vLLM's openpangu.py reads them:
+    sandwich norms, the routing bias switched by `router_enable_expert_bias`, one routing group,
+    plain RoPE on interleaved pairs (no YaRN), the Pangu eps and SentencePiece ids."""
+    for key in ("rope_scaling", "n_group", "topk_group", "topk_method", "scoring_func"):
+        del config[key]
+    config.update(
+        sandwich_norm=True,
+        router_enable_expert_bias=True,
+        rms_norm_eps=1e-5,
+        rope_theta=1.6e7,
+        bos_token_id=PANGU_BOS_ID,
+        eos_token_id=PANGU_EOS_ID,
+        pad_token_id=PANGU_UNK_ID,
+    )
+    return config
+
+
 def _mla_specs(config: dict, p: str) -> Iterator[TensorSpec]:
     H, heads = config["hidden_size"], config["num_attention_heads"]
     q_rank, kv_rank, rope = config["q_lora_rank"], config["kv_lora_rank"], config["qk_rope_head_dim"]
@@ -275,6 +299,9 @@ def _deepseek_layer_specs(config: dict, layer: int) -> Iterator[TensorSpec]:
     projs = ("gate_proj", "up_proj", "down_proj")
     yield TensorSpec(f"{p}.input_layernorm.weight", (H,), "norm")
     yield TensorSpec(f"{p}.post_attention_layernorm.weight", (H,), "norm")
+    if config.get("sandwich_norm"):
+        yield TensorSpec(f"{p}.pre_mlp_layernorm.weight", (H,), "norm")
+        yield TensorSpec(f"{p}.post_mlp_layernorm.weight", (H,), "norm")
     yield from _mla_specs(config, p)
     if layer < config["first_k_dense_replace"]:
         yield from _swiglu(f"{p}.mlp", projs, H, config["intermediate_size"])
@@ -298,7 +325,7 @@ def tensor_specs(config: dict) -> Iterator[TensorSpec]:
     model_type = config["model_type"]
     H, V = config["hidden_size"], config["vocab_size"]
     yield TensorSpec("model.embed_tokens.weight", (V, H), "normal")
-    if model_type == "deepseek_v3":  # its MTP layers follow the last layer
+    if model_type in ("deepseek_v3", "pangu_ultra_moe"):  # MTP layers follow the last layer
         for layer in range(config["num_hidden_layers"] + config["num_nextn_predict_layers"]):
             yield from _deepseek_layer_specs(config, layer)
     else:

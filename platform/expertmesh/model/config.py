@@ -17,8 +17,18 @@ from expertmesh.errors import CheckpointError, describe_validation_error
 from expertmesh.model.rope_scaling import YarnScaling, yarn_mscale
 
 Family = Literal[
-    "llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral", "pangu_pro_moe", "pangu_embedded", "deepseek_v3"
+    "llama",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3_moe",
+    "mixtral",
+    "pangu_pro_moe",
+    "pangu_embedded",
+    "deepseek_v3",
+    "pangu_ultra_moe",
 ]
+# The DeepSeek-V3 architecture: MLA attention, sigmoid routing with a choosing-only bias, MTP layers.
+MLA_FAMILIES = ("deepseek_v3", "pangu_ultra_moe")
 
 # `architectures[0]` (or `model_type`) -> family. Pangu ships under several spellings.
 _FAMILY_BY_NAME: dict[str, Family] = {
@@ -41,6 +51,9 @@ _FAMILY_BY_NAME: dict[str, Family] = {
     # DeepSeek-V3/R1 and Kimi K2: MLA attention, group-limited sigmoid routing, MTP layers
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "deepseek_v3": "deepseek_v3",
+    # openPangu-Ultra-MoE: DeepSeek-V3's architecture with sandwich norms around the MLP
+    "PanguUltraMoEForCausalLM": "pangu_ultra_moe",
+    "pangu_ultra_moe": "pangu_ultra_moe",
 }
 SUPPORTED_ARCHITECTURES = sorted(k for k in _FAMILY_BY_NAME if k[0].isupper())
 
@@ -58,7 +71,9 @@ class MoEConfig(BaseModel):
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(H, 1)) scales the shared expert
     router_scale: bool = False  # Pangu: learned per-expert multiplier on the routing weight
-    # noaux_tc (DeepSeek-V3): experts in `num_groups` groups, each token keeping `topk_group` of them
+    # noaux_tc (DeepSeek-V3): experts in `num_groups` groups, each token keeping `topk_group` of them,
+    # chosen with a per-expert bias when the checkpoint has one (`expert_bias`)
+    expert_bias: bool = True
     num_groups: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -119,6 +134,7 @@ class MLAConfig(BaseModel):
     qk_rope_head_dim: int
     v_head_dim: int
     softmax_scale: float
+    latent_norm_eps: float = 1e-6  # DeepSeek's code builds the latent norms with the default eps
     # The released weights rotate adjacent pairs (x0, x1), (x2, x3)...; the loader reorders the
     # rope rows so the usual rotate-half RoPE gives the same dot products.
     rope_interleave: bool = True
@@ -155,6 +171,8 @@ class ModelConfig(BaseModel):
     moe: MoEConfig | None = None
     moe_layers: tuple[int, ...] = ()
     mla: MLAConfig | None = None
+    # openPangu: the attention output and the MLP output are normed before each joins the residual
+    sandwich_norm: bool = False
     num_mtp_layers: int = 0  # multi-token-prediction layers stored after the last layer
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -287,11 +305,11 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
             norm_topk_prob=True,
         )
         moe_layers = tuple(range(layers))
-    elif family == "deepseek_v3":
-        moe, moe_layers = _deepseek_moe(raw, source, need, layers)
+    elif family in MLA_FAMILIES:
+        moe, moe_layers = _deepseek_moe(family, raw, source, need, layers)
     if len(moe_layers) < layers:
         need("intermediate_size")  # some layer is dense
-    mla = _mla(raw, source, need) if family == "deepseek_v3" else None
+    mla = _mla(family, raw, source, need) if family in MLA_FAMILIES else None
 
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -317,6 +335,7 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         moe=moe,
         moe_layers=moe_layers,
         mla=mla,
+        sandwich_norm=bool(raw.get("sandwich_norm", False)),
         num_mtp_layers=int(raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 0)) or 0),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
@@ -333,9 +352,14 @@ def _refuse_unless(raw: dict[str, Any], source: str, key: str, supported: tuple,
         )
 
 
-def _deepseek_moe(raw: dict[str, Any], source: str, need, layers: int) -> tuple[MoEConfig, tuple[int, ...]]:
+def _deepseek_moe(
+    family: Family, raw: dict[str, Any], source: str, need, layers: int
+) -> tuple[MoEConfig, tuple[int, ...]]:
     """DeepSeek-V3's sparse layers: every `moe_layer_freq`-th layer from `first_k_dense_replace` on,
-    routed by `noaux_tc` with `n_shared_experts` fused into one shared MLP."""
+    routed by `noaux_tc` with `n_shared_experts` fused into one shared MLP. openPangu-Ultra-MoE
+    routes over all experts as one group (vLLM's openpangu.py fixes n_group = topk_group = 1)
+    and has the choosing-only bias when `router_enable_expert_bias`."""
+    ultra = family == "pangu_ultra_moe"
     _refuse_unless(raw, source, "topk_method", ("noaux_tc",), "noaux_tc")
     _refuse_unless(raw, source, "scoring_func", ("sigmoid",), "sigmoid")
     _refuse_unless(raw, source, "hidden_act", ("silu",), "silu")
@@ -347,15 +371,16 @@ def _deepseek_moe(raw: dict[str, Any], source: str, need, layers: int) -> tuple[
         moe_intermediate_size=inter,
         norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
         shared_expert_intermediate_size=inter * int(raw.get("n_shared_experts") or 0),
-        num_groups=int(raw.get("n_group") or 1),
-        topk_group=int(raw.get("topk_group") or 1),
+        expert_bias=bool(raw.get("router_enable_expert_bias")) if ultra else True,
+        num_groups=1 if ultra else int(raw.get("n_group") or 1),
+        topk_group=1 if ultra else int(raw.get("topk_group") or 1),
         routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
     )
     first_sparse, every = int(raw.get("first_k_dense_replace") or 0), int(raw.get("moe_layer_freq") or 1)
     return moe, tuple(i for i in range(layers) if i >= first_sparse and i % every == 0)
 
 
-def _mla(raw: dict[str, Any], source: str, need) -> MLAConfig:
+def _mla(family: Family, raw: dict[str, Any], source: str, need) -> MLAConfig:
     _refuse_unless(raw, source, "attention_bias", (False,), False)
     nope, rope = need("qk_nope_head_dim"), need("qk_rope_head_dim")
     scale = (nope + rope) ** -0.5
@@ -371,4 +396,6 @@ def _mla(raw: dict[str, Any], source: str, need) -> MLAConfig:
         v_head_dim=need("v_head_dim"),
         softmax_scale=scale,
         rope_interleave=bool(raw.get("rope_interleave", True)),
+        # openPangu's latent norms take the model's eps (vLLM's openpangu.py)
+        latent_norm_eps=float(raw.get("rms_norm_eps", 1e-6)) if family == "pangu_ultra_moe" else 1e-6,
     )

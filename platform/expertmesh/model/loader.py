@@ -195,12 +195,15 @@ def load_model(
             layer.post_attention_layernorm.weight,
             [get((f"{prefix}.post_attention_layernorm.weight", (hidden,)))],
         )
+        if cfg.sandwich_norm:
+            _fill(layer.pre_mlp_layernorm.weight, [get((f"{prefix}.pre_mlp_layernorm.weight", (hidden,)))])
+            _fill(layer.post_mlp_layernorm.weight, [get((f"{prefix}.post_mlp_layernorm.weight", (hidden,)))])
         if cfg.mla is not None:
             _load_mla(layer.self_attn, cfg.mla, mla_tensors(cfg, i), get)
         else:
             _load_attention(layer.self_attn, attention_tensors(cfg, i), get)
         if isinstance(layer.mlp, SparseMoE):
-            _load_sparse(layer.mlp, cfg, i, get)
+            _load_sparse(layer.mlp, cfg, i, get, store)
             if load_experts:
                 experts[i] = load_expert_weights(store, cfg, i, range(cfg.moe.num_experts), torch_dtype)
         else:
@@ -264,12 +267,17 @@ def _load_mlp(mlp: GatedMLP, names, get) -> None:
     _fill(mlp.down_proj.weight, [get(names["down"])])
 
 
-def _load_sparse(block: SparseMoE, cfg: ModelConfig, layer: int, get) -> None:
+def _load_sparse(block: SparseMoE, cfg: ModelConfig, layer: int, get, store: TensorStore) -> None:
     moe, prefix = cfg.moe, moe_prefix(cfg, layer)
     _fill(block.gate.weight, [get((f"{prefix}.gate.weight", (moe.num_experts, cfg.hidden_size)))])
-    if block.e_score_correction_bias is not None:  # fp32 whatever the model's dtype, as released
-        bias = get((f"{prefix}.gate.e_score_correction_bias", (moe.num_experts,)), torch.float32)
+    if block.e_score_correction_bias is not None and moe.expert_bias:  # fp32 whatever the model's dtype
+        key = f"{prefix}.gate.e_score_correction_bias"
+        if not store.has(key) and store.has(f"{prefix}.e_score_correction_bias"):
+            key = f"{prefix}.e_score_correction_bias"  # where vLLM's openPangu loader also looks
+        bias = get((key, (moe.num_experts,)), torch.float32)
         block.e_score_correction_bias = torch.nn.Parameter(bias, requires_grad=False)
+    elif block.e_score_correction_bias is not None:  # no bias in the checkpoint: choose on the scores
+        block.e_score_correction_bias = torch.nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
     if block.router_scale is not None:
         _fill(block.router_scale, [get((f"{prefix}.router_scale", (1, moe.num_experts)))])
     if block.shared_expert is not None:

@@ -24,9 +24,6 @@ from expertmesh.model.attention import ForwardBatch, LayerKVCache, PrefillSpan
 from expertmesh.model.config import MLAConfig
 from expertmesh.model.layers import Linear, RMSNorm, apply_rotary
 
-# The latent norms take no eps from the config: DeepSeek's code builds them with the default.
-LATENT_NORM_EPS = 1e-6
-
 
 class LatentKVCache:
     """One layer's MLA cache: per flat slot, the normed latent followed by the rotated rope key."""
@@ -49,11 +46,11 @@ class MultiHeadLatentAttention(nn.Module):
         # The query's first projection and the latent's read the same rows: one matmul
         # (checkpoint keys q_a_proj | q_proj and kv_a_proj_with_mqa, stacked at load).
         self.qkv_a_proj = Linear(hidden_size, query_width + mla.cache_width, bias=False)
-        self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS) if mla.q_lora_rank else None
+        self.q_a_layernorm = RMSNorm(mla.q_lora_rank, mla.latent_norm_eps) if mla.q_lora_rank else None
         self.q_b_proj = (
             Linear(mla.q_lora_rank, num_heads * mla.qk_head_dim, bias=False) if mla.q_lora_rank else None
         )
-        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, mla.latent_norm_eps)
         self.kv_b_proj = Linear(
             mla.kv_lora_rank, num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False
         )

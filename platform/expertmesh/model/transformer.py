@@ -32,6 +32,10 @@ class DecoderLayer(nn.Module):
             )
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # openPangu's sandwich: post_attention_layernorm norms the attention output itself, then
+        # pre_mlp_layernorm the residual stream into the MLP, post_mlp_layernorm the MLP's output
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norm else None
+        self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norm else None
         self.mlp: nn.Module = (
             SparseMoE(cfg.hidden_size, cfg.moe, layer)
             if cfg.is_moe_layer(layer)
@@ -45,16 +49,21 @@ class DecoderLayer(nn.Module):
 
     def start(self, x, rope, batch: ForwardBatch, cache, micro_batch: int = 0) -> tuple:
         """Attention, then the MLP up to the point where a sparse block's experts are out."""
-        x, normed = self.post_attention_layernorm.add_and_norm(
-            x, self.self_attn(self.input_layernorm(x), rope, batch, cache)
-        )
+        attended = self.self_attn(self.input_layernorm(x), rope, batch, cache)
+        if self.pre_mlp_layernorm is None:
+            x, normed = self.post_attention_layernorm.add_and_norm(x, attended)
+        else:
+            x, normed = self.pre_mlp_layernorm.add_and_norm(x, self.post_attention_layernorm(attended))
         if isinstance(self.mlp, SparseMoE):
             return x, self.mlp.start(normed, accumulate_counts=micro_batch > 0)
-        return x + self.mlp(normed), None
+        return x + self._mlp_output(self.mlp(normed)), None
 
     def finish(self, state: tuple) -> torch.Tensor:
         x, pending = state
-        return x if pending is None else x + self.mlp.finish(pending)
+        return x if pending is None else x + self._mlp_output(self.mlp.finish(pending))
+
+    def _mlp_output(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.post_mlp_layernorm is None else self.post_mlp_layernorm(out)
 
 
 class CausalLM(nn.Module):

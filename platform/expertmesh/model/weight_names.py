@@ -37,7 +37,8 @@ def mlp_tensors(prefix: str, hidden: int, inter: int) -> dict[str, tuple[str, Sh
 
 def shared_expert_prefix(cfg: ModelConfig, layer: int) -> str:
     """DeepSeek fuses its `n_shared_experts` under a plural name."""
-    return f"{moe_prefix(cfg, layer)}.{'shared_experts' if cfg.family == 'deepseek_v3' else 'shared_expert'}"
+    plural = cfg.mla is not None  # the DeepSeek-V3 architecture
+    return f"{moe_prefix(cfg, layer)}.{'shared_experts' if plural else 'shared_expert'}"
 
 
 def mla_tensors(cfg: ModelConfig, layer: int) -> dict[str, tuple[str, Shape]]:
