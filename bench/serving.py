@@ -297,6 +297,19 @@ async def run_steady_pool_load(base_url: str, model: str, prompts: list[list[int
     return rows, (tokens_after - tokens_before) / (end - start)
 
 
+def guidellm_tokenizer(out_dir: str) -> Path:
+    """The checkpoint's tokenizer as transformers' AutoTokenizer reads it: the checkpoint itself
+    when it has a tokenizer.json; a Pangu SentencePiece tokenizer.model (whose PanguTokenizer class
+    lives in the release's remote code) converted to a tokenizer.json, as our loader converts it."""
+    if (CHECKPOINT / "tokenizer.json").is_file():
+        return CHECKPOINT
+    target = Path(out_dir) / "tokenizer"
+    target.mkdir()
+    load_tokenizer(CHECKPOINT).save(str(target / "tokenizer.json"))
+    (target / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    return target
+
+
 def guidellm_command(base_url: str, model: str, out_dir: str) -> list[str]:
     """guidellm 0.8 `run`: one stream, then NUM_PROMPTS streams (the workload's concurrency), each
     bounded to NUM_PROMPTS requests and 60 s; synthetic prompts of the workload's sizes, counted
@@ -309,7 +322,7 @@ def guidellm_command(base_url: str, model: str, out_dir: str) -> list[str]:
         "--override", "profile.streams", f"1,{NUM_PROMPTS}",
         f"--constraint=kind=max_requests,count={NUM_PROMPTS}",
         "--constraint=kind=max_duration,seconds=60",
-        f"--tokenizer=kind=huggingface_auto,model={CHECKPOINT}",
+        f"--tokenizer=kind=huggingface_auto,model={guidellm_tokenizer(out_dir)}",
         f"--data=kind=synthetic_text,prompt_tokens={PROMPT_LEN},output_tokens={NEW_TOKENS}",
         f"--output=kind=json,path={out_dir}/benchmarks.json",
         "--disable-console",
@@ -362,7 +375,7 @@ def workload_prompts() -> tuple[list[str], list[list[int]]]:
     gen = torch.Generator().manual_seed(0)
     sampled = torch.randint(3, 16000, (NUM_PROMPTS, PROMPT_LEN), generator=gen).tolist()
     texts = [tokenizer.decode(ids) for ids in sampled]
-    return texts, [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    return texts, [tokenizer.encode(t).ids for t in texts]  # as the engine encodes a text prompt
 
 
 @contextlib.contextmanager

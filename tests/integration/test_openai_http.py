@@ -111,7 +111,7 @@ def idle(engine: LLMEngine) -> bool:
     return not engine.has_unfinished_requests() and engine.allocator.num_free == engine.allocator.num_blocks
 
 
-def offline_greedy(pangu_llm, prompt: str, max_tokens: int) -> str:
+def offline_greedy(pangu_llm, prompt: str | list[int], max_tokens: int) -> str:
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     return pangu_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
 
@@ -225,16 +225,17 @@ def test_chat_completion_sends_the_rendered_template_and_streams_the_same_text(
         model=MODEL, messages=messages, max_completion_tokens=10, temperature=0
     )
     rendered = ChatTemplate.from_checkpoint(pangu_tiny).render(messages)
-    assert rendered == (
-        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWrite a loop.<|im_end|>\n"
-        "<|im_start|>assistant\n"
+    assert (
+        rendered
+        == "[unused9]系统：You are terse.[unused10][unused9]用户：Write a loop.[unused10][unused9]助手："
     )
     # sent as rendered: no special tokens of the tokenizer's own (the template writes its own)
-    assert engines.prompts[result.id] == pangu_llm.engine.tokenize(rendered, add_special_tokens=False)[1]
+    as_rendered = pangu_llm.engine.tokenize(rendered, add_special_tokens=False)[1]
+    assert engines.prompts[result.id] == as_rendered
     assert result.id.startswith("chatcmpl-") and result.object == "chat.completion"
     (choice,) = result.choices
     assert choice.message.role == "assistant"
-    assert choice.message.content == offline_greedy(pangu_llm, rendered, 10)
+    assert choice.message.content == offline_greedy(pangu_llm, as_rendered, 10)
 
     chunks = list(
         oai.chat.completions.create(

@@ -132,12 +132,12 @@ def test_configs_carry_the_family_keys():
         for size in SIZES:
             config = checkpoint_config(arch, size)
             assert config["tie_word_embeddings"] is False
-            assert config["rms_norm_eps"] == (
-                1e-5 if arch.startswith("pangu_") and arch != "pangu_pro_moe" else 1e-6
-            )
+            assert config["rms_norm_eps"] == (1e-5 if arch.startswith("pangu_") else 1e-6)
             assert config["torch_dtype"] == "float32"
             assert config["num_attention_heads"] % config["num_key_value_heads"] == 0
-            if arch not in ("llama", "pangu_embedded", "deepseek_v3", "pangu_ultra_moe"):
+            if arch.startswith("pangu_"):  # the Pangu releases' theta
+                assert config["rope_theta"] == 1.6e7
+            elif arch not in ("llama", "deepseek_v3"):
                 assert config["rope_theta"] == 1e6
             if arch == "pangu_pro_moe":
                 assert config["num_experts"] % config["num_experts_per_tok"] == 0

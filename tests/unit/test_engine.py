@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from expertmesh.engine.config import EngineConfig
+from expertmesh.engine.detokenizer import PROMPT_CONTEXT_TOKENS
 from expertmesh.engine.kv_cache import blocks_for, bytes_per_token
 from expertmesh.engine.llm_engine import LLMEngine, QueueFullError, warm_up_lengths
 from expertmesh.engine.model_runner import ModelRunner
@@ -414,10 +415,14 @@ def test_a_request_is_accepted_while_a_step_runs_and_joins_the_next_step(make_en
 # ---- stop conditions ------------------------------------------------------------------------------
 
 
-def first_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[int, int, str]:
-    """(tokens generated, index in text, stop string) at which greedy decoding meets a stop string."""
+def first_stop(llm, token_ids: list[int], stops: list[str]) -> tuple[int, int, str]:
+    """(tokens generated, index in text, stop string) at which greedy decoding of STOP_PROMPT meets
+    a stop string. The text is decoded after the prompt's last tokens, as the engine decodes a
+    continuation (a SentencePiece decoder drops the leading space of a text on its own)."""
+    tokenizer = llm.get_tokenizer()
+    context = llm.engine.tokenize(STOP_PROMPT)[1][-PROMPT_CONTEXT_TOKENS:]
     for k in range(1, len(token_ids) + 1):
-        text = tokenizer.decode(token_ids[:k])
+        text = tokenizer.decode(context + token_ids[:k])[len(tokenizer.decode(context)) :]
         hits = sorted((text.find(s), s) for s in stops if s in text)
         if hits:
             return k, hits[0][0], hits[0][1]
@@ -430,7 +435,7 @@ def test_stop_string_truncates_output(pangu_llm, greedy_reference, span, include
     ref = greedy_reference(STOP_PROMPT, 24)
     stop = ref.text[span[0] : span[1]]
     assert stop.strip()
-    k, index, _ = first_stop(pangu_llm.get_tokenizer(), ref.token_ids, [stop])
+    k, index, _ = first_stop(pangu_llm, ref.token_ids, [stop])
     out = pangu_llm.generate(STOP_PROMPT, greedy(24, stop=[stop], include_stop_str_in_output=include), False)
     c = out[0].outputs[0]
     assert c.finish_reason == "stop" and c.stop_reason == stop
@@ -443,7 +448,7 @@ def test_stop_string_truncates_output(pangu_llm, greedy_reference, span, include
 def test_earliest_of_several_stop_strings_wins(pangu_llm, greedy_reference):
     ref = greedy_reference(STOP_PROMPT, 24)
     late, early = ref.text[30:36], ref.text[10:13]
-    k, index, which = first_stop(pangu_llm.get_tokenizer(), ref.token_ids, [late, early])
+    k, index, which = first_stop(pangu_llm, ref.token_ids, [late, early])
     assert which == early
     c = pangu_llm.generate(STOP_PROMPT, greedy(24, stop=[late, early]), use_tqdm=False)[0].outputs[0]
     assert (c.stop_reason, c.text, c.token_ids) == (early, ref.text[:index], ref.token_ids[:k])
@@ -468,7 +473,7 @@ def test_checkpoint_eos_ids_are_loaded(pangu_llm):
     eos = pangu_llm.engine.eos_token_ids
     assert eos and all(0 <= t < pangu_llm.engine.model.config.vocab_size for t in eos)
     tokenizer = pangu_llm.get_tokenizer()
-    assert tokenizer.token_to_id("<|endoftext|>") in eos
+    assert tokenizer.token_to_id("[unused10]") in eos  # Pangu's end of turn
 
 
 def test_stop_token_ids_stop_even_with_ignore_eos(pangu_llm, greedy_reference):
@@ -531,7 +536,7 @@ def test_stream_never_shows_a_stop_string(pangu_llm, greedy_reference, include):
     ref = greedy_reference(STOP_PROMPT, 24)
     # The first stop string spans three tokens, so its first characters arrive two tokens early.
     stops = [ref.text[8:15], ref.text[35:40]]
-    _, index, first = first_stop(pangu_llm.get_tokenizer(), ref.token_ids, stops)
+    _, index, first = first_stop(pangu_llm, ref.token_ids, stops)
     params = greedy(24, stop=stops, include_stop_str_in_output=include)
     by_id, _ = collect_stream(pangu_llm.generate_stream([STOP_PROMPT, "Once upon a time"], params))
     for outs in by_id.values():

@@ -157,7 +157,7 @@ def test_missing_tensor_wrong_shape_unsupported_dtype(tmp_path, pangu):
 
 def test_missing_tokenizer_is_named_and_can_be_skipped(tmp_path, pangu):
     ckpt = copy_checkpoint(pangu, tmp_path)
-    (ckpt / "tokenizer.json").unlink()
+    (ckpt / "tokenizer.model").unlink()
     with pytest.raises(
         CheckpointError, match="neither tokenizer.json nor a SentencePiece tokenizer.model found"
     ):

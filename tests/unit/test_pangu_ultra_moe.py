@@ -135,6 +135,8 @@ def test_a_checkpoint_without_the_routing_bias_chooses_on_the_scores(checkpoint,
 
 def test_it_serves_text_through_its_sentencepiece_tokenizer(checkpoint):
     llm = LLM(checkpoint, show_progress=False)
-    (out,) = llm.generate(["用户：你好"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False)
+    (out,) = llm.generate(
+        ["用户：你好"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False
+    )
     assert len(out.outputs[0].token_ids) == 6
     assert out.prompt_token_ids[0] == 1  # BOS added, as the release's tokenizer_config asks

@@ -204,6 +204,8 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.detokenizer is None:
                 raise InvalidRequestError("this engine has no tokenizer: pass prompts as token ids")
+            if not prompt:  # a BOS alone is no prompt either
+                raise InvalidRequestError("prompt is empty: it must have at least one character")
             return prompt, self.detokenizer.encode(prompt, add_special_tokens)
         return None, list(prompt)
 

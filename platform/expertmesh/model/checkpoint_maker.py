@@ -129,7 +129,7 @@ _IDENTITY = {
 }
 
 # Families whose releases ship a SentencePiece tokenizer.model (and no tokenizer.json).
-SENTENCEPIECE_ARCHITECTURES = ("pangu_embedded", "pangu_ultra_moe")
+SENTENCEPIECE_ARCHITECTURES = ("pangu_pro_moe", "pangu_embedded", "pangu_ultra_moe")
 
 # Written dtype -> (torch dtype, safetensors dtype tag).
 _DTYPES = {"float32": (torch.float32, "F32"), "bfloat16": (torch.bfloat16, "BF16")}
@@ -177,14 +177,14 @@ def checkpoint_config(arch: str, size: str, dtype: str = "float32") -> dict:
     if arch == "llama":
         config.update(intermediate_size=dims["intermediate_size"], attention_bias=False, mlp_bias=False)
         return config
-    if arch == "pangu_embedded":
-        # as openPangu-Embedded-7B's config.json: `bias` (not attention_bias) puts biases on q, k,
-        # v and o; its rope_theta and eps
-        config.update(
-            intermediate_size=dims["intermediate_size"], bias=True, rope_theta=1.6e7, rms_norm_eps=1e-5
-        )
-        # its SentencePiece tokenizer's ids: <s> begins a text, [unused10] ends a turn
+    if arch in SENTENCEPIECE_ARCHITECTURES:
+        # the Pangu releases' rope_theta and eps, and their SentencePiece tokenizer's ids: <s>
+        # begins a text, [unused10] ends a turn
+        config.update(rope_theta=1.6e7, rms_norm_eps=1e-5)
         config.update(bos_token_id=PANGU_BOS_ID, eos_token_id=PANGU_EOS_ID, pad_token_id=PANGU_UNK_ID)
+    if arch == "pangu_embedded":
+        # as openPangu-Embedded-7B's config.json: `bias` (not attention_bias) puts biases on q, k, v and o
+        config.update(intermediate_size=dims["intermediate_size"], bias=True)
         return config
     experts, per_token = _EXPERTS[arch, size]
     if arch == "deepseek_v3":
@@ -220,7 +220,7 @@ def checkpoint_config(arch: str, size: str, dtype: str = "float32") -> dict:
             mlp_only_layers=[],
             attention_bias=False,
         )
-    else:  # pangu_pro_moe
+    else:  # pangu_pro_moe, as released: four shared experts fused into one, and no intermediate_size
         config.update(shared_expert_intermediate_size=dims["shared_expert_intermediate_size"])
     return config
 
@@ -267,15 +267,7 @@ def _pangu_ultra_config(config: dict) -> dict:
     plain RoPE on interleaved pairs (no YaRN), the Pangu eps and SentencePiece ids."""
     for key in ("rope_scaling", "n_group", "topk_group", "topk_method", "scoring_func"):
         del config[key]
-    config.update(
-        sandwich_norm=True,
-        router_enable_expert_bias=True,
-        rms_norm_eps=1e-5,
-        rope_theta=1.6e7,
-        bos_token_id=PANGU_BOS_ID,
-        eos_token_id=PANGU_EOS_ID,
-        pad_token_id=PANGU_UNK_ID,
-    )
+    config.update(sandwich_norm=True, router_enable_expert_bias=True, rope_theta=1.6e7)  # the Pangu theta
     return config
 
 
