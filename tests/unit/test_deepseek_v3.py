@@ -19,6 +19,7 @@ from expertmesh.kernels.guard import CHOICES, NATIVE, TORCH
 from expertmesh.model.attention import ForwardBatch, PrefillSpan
 from expertmesh.model.checkpoint_maker import checkpoint_config, make_checkpoint
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.experts import ExpertPartition
 from expertmesh.model.loader import load_model
 
 
@@ -136,3 +137,17 @@ def test_the_guard_times_mla_decode_and_both_paths_give_the_same_tokens(checkpoi
         with CHOICES.forced("attention", path):
             outputs[path] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outputs[NATIVE] == outputs[TORCH]
+
+
+def test_its_routing_groups_carry_unequal_loads_which_the_pool_metrics_show(checkpoint):
+    """Unlike MoGE (every token one row in every group: 1.00), noaux_tc sends each token to only
+    topk_group of the n_group pools, so the per-pool loads the engine exports differ."""
+    from expertmesh.serve.metrics import group_loads, imbalance
+
+    llm = LLM(checkpoint, "float32", show_progress=False)
+    llm.generate(["def main():"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+    block = llm.engine.model.moe_blocks[0]
+    moe = block.moe
+    loads = group_loads(block.last_expert_counts, ExpertPartition(moe.num_experts, moe.num_routing_groups))
+    assert sum(loads) == len(llm.engine.tokenize("def main():")[1]) * moe.num_experts_per_tok
+    assert imbalance(loads) > 1.0
