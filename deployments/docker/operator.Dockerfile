@@ -9,12 +9,15 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY platform/ platform/
 COPY operators/ operators/
 
-# The operator builds the same serve config as the runtime (expertmesh.config, expertmesh.serve.app),
-# so it installs the runtime's dependencies too; CPU torch keeps the image free of CUDA libraries.
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" -c constraints.txt ".[operator]" \
-    && rm -rf /opt/expertmesh/platform /opt/expertmesh/operators \
-    && expertmesh-operator --help >/dev/null
+# The operator imports neither torch nor Ray (tests/unit/operator/test_operator_imports.py), so
+# the image installs the package without its runtime dependencies and then the [operator] extra
+# alone, read from pyproject.toml; the last two checks keep it that way.
+RUN pip install --no-cache-dir --no-deps . \
+    && python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['operator'], sep='\n')" > /tmp/operator-requirements.txt \
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/operator-requirements.txt \
+    && rm -rf /opt/expertmesh/platform /opt/expertmesh/operators /tmp/operator-requirements.txt \
+    && expertmesh-operator --help >/dev/null \
+    && ! python -c "import torch" 2>/dev/null && ! python -c "import ray" 2>/dev/null
 
 # A numeric non-root user, so the chart's runAsNonRoot can check it.
 USER 10001:10001

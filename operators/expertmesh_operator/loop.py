@@ -30,8 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from expertmesh.errors import ExpertMeshError
 from expertmesh.model.config import ModelConfig
-from expertmesh.serve.metrics import ENGINE_POOL, expert_pool
-from expertmesh.serve.names import engine_deployment_name, expert_deployment_name
+from expertmesh.serve_layout import ENGINE_POOL, engine_deployment_name, expert_deployment_name, expert_pool
 from expertmesh_operator.autoscale import PoolMetrics
 from expertmesh_operator.crd import (
     FINALIZER,

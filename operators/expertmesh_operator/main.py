@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from expertmesh_operator.extra import missing_extra_message
 from expertmesh_operator.kube import KubeError, KubernetesClient
 from expertmesh_operator.loop import OperatorSettings, default_ray_cluster_config
 
@@ -95,6 +96,10 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = missing_extra_message("expertmesh-operator")
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from(args)
     try:

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from expertmesh_operator.crd import ROLLOUT_ANNOTATION, ModelResourceStatus
+from expertmesh_operator.extra import missing_extra_message
 from expertmesh_operator.kube import KubeError, KubernetesApi, KubernetesClient
 
 
@@ -150,6 +151,10 @@ def request(api: KubernetesApi, namespace: str, name: str, command: str, wait_s:
 
 def main(argv: list[str] | None = None, api: KubernetesApi | None = None) -> int:
     args = parse_args(argv)
+    missing = missing_extra_message("kubectl-expertmesh", ("kubernetes",)) if api is None else None
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     try:
         namespace = args.namespace or context_namespace(args.kubeconfig, args.context)
         if api is None:

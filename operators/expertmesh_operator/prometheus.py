@@ -41,19 +41,31 @@ from typing import Literal
 import requests
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from expertmesh.serve_layout import (
+    BATCH_SIZE_METRIC,
+    ENGINE_POOL,
+    ERROR_OUTCOME,
+    GENERATION_TOKENS_METRIC,
+    GROUP_TOKENS_METRIC,
+    NOT_ADMITTED_OUTCOME,
+    PROMPT_TOKENS_METRIC,
+    QUEUE_DEPTH_METRIC,
+    REPLICA_UP_METRIC,
+    REQUESTS_METRIC,
+    TPOT_METRIC,
+)
 from expertmesh_operator.autoscale import PoolMetrics
 from expertmesh_operator.rollout import AnalysisResult
 
-REPLICA_UP = "expertmesh_replica_up"
-QUEUE_DEPTH = "expertmesh_queue_depth"
-BATCH_SIZE = "expertmesh_batch_size"
-ENGINE_TOKENS = ("expertmesh_prompt_tokens_total", "expertmesh_generation_tokens_total")
-GROUP_TOKENS = "expertmesh_expert_group_tokens_total"
-TPOT_BUCKETS = "expertmesh_time_per_output_token_seconds_bucket"
-REQUESTS = "expertmesh_requests_total"
-ENGINE_POOL = "engine"
-ERROR_OUTCOME = "error"
-NOT_ADMITTED = "rejected"  # invalid or queue full: the client's to fix, not counted in error ratios
+# The series as Prometheus stores them: counters gain "_total", histograms "_bucket".
+REPLICA_UP = REPLICA_UP_METRIC
+QUEUE_DEPTH = QUEUE_DEPTH_METRIC
+BATCH_SIZE = BATCH_SIZE_METRIC
+ENGINE_TOKENS = (f"{PROMPT_TOKENS_METRIC}_total", f"{GENERATION_TOKENS_METRIC}_total")
+GROUP_TOKENS = f"{GROUP_TOKENS_METRIC}_total"
+TPOT_BUCKETS = f"{TPOT_METRIC}_bucket"
+REQUESTS = f"{REQUESTS_METRIC}_total"
+NOT_ADMITTED = NOT_ADMITTED_OUTCOME  # not counted in error ratios
 QUANTILE = 0.95
 
 logger = logging.getLogger(__name__)

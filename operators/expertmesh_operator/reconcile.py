@@ -25,8 +25,12 @@ from expertmesh.config import (
 )
 from expertmesh.engine.config import EngineConfig
 from expertmesh.model.config import ModelConfig
-from expertmesh.serve.app import serve_deploy_config
-from expertmesh.serve.names import engine_deployment_name, expert_deployment_name, revision_app_name
+from expertmesh.serve_layout import (
+    engine_deployment_name,
+    expert_deployment_name,
+    revision_app_name,
+    serve_deploy_config,
+)
 from expertmesh_operator.crd import (
     Condition,
     ModelResource,

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from expertmesh.serve.names import engine_deployment_name, expert_deployment_name
+from expertmesh.serve_layout import engine_deployment_name, expert_deployment_name
 from expertmesh_operator.autoscale import (
     PoolMetrics,
     ReplicaBounds,

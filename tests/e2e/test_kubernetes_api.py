@@ -201,7 +201,7 @@ def serve_config(ns: str, rayservice: str = "expertmesh") -> dict[str, Any]:
 
 
 def served_models(ns: str, rayservice: str = "expertmesh") -> dict[str, Any]:
-    from expertmesh.serve.app import platform_config
+    from expertmesh.serve_layout import platform_config
 
     return {m.name: m for m in platform_config(serve_config(ns, rayservice)).models}
 

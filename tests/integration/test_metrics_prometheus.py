@@ -24,8 +24,9 @@ from ray import serve
 
 from expertmesh.config import ServeConfig
 from expertmesh.model.loader import load_config
-from expertmesh.serve.app import APP_NAME, deploy
+from expertmesh.serve.app import deploy
 from expertmesh.serve.metrics import SERIES, metrics_endpoints, stored_series_names
+from expertmesh.serve_layout import APP_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deployments" / "prometheus"

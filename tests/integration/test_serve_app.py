@@ -13,7 +13,8 @@ from ray import serve
 from expertmesh.config import ServeConfig, traffic_table
 from expertmesh.engine.llm import LLM
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.serve.app import APP_NAME, deploy
+from expertmesh.serve.app import deploy
+from expertmesh.serve_layout import APP_NAME
 
 PROMPTS = ["def main():", "import os\nimport sys", "class Pool:"]
 GREEDY = dict(max_tokens=10, temperature=0, ignore_eos=True)

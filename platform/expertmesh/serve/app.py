@@ -6,7 +6,6 @@ each model revision is an application of its own with its engine and expert pool
 
 from __future__ import annotations
 
-import copy
 import time
 
 from pydantic import ValidationError
@@ -14,40 +13,24 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
-from expertmesh.config import ConfigError, RevisionSpec, ServeConfig, traffic_table
+from expertmesh.config import ConfigError, RevisionSpec, ServeConfig
 from expertmesh.errors import ExpertMeshError
 from expertmesh.serve.deployments import Engine, ExpertGroup, Router, partition_for
-from expertmesh.serve.names import (
-    ROUTER_APP,
+from expertmesh.serve_layout import (
+    APP_NAME,
     engine_deployment_name,
     expert_deployment_name,
+    grpc_options_fields,
     revision_app_name,
-)
-
-APP_NAME = ROUTER_APP
-
-# The services Serve's gRPC proxy hosts. For each call the proxy invokes the ingress (Router) method
-# named after the RPC; see expertmesh.api.grpc_service.
-GRPC_SERVICER_FUNCTIONS = (
-    "expertmesh.api.pb.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
-    "expertmesh.api.pb.generation_pb2_grpc.add_GenerationServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    router_user_config,
+    serve_deploy_config,
 )
 
 
 def grpc_options(port: int = 9000, request_timeout_s: float | None = None) -> gRPCOptions:
-    """Options for Serve's gRPC proxy: ``serve.start(grpc_options=grpc_options(port))``.
-
-    The proxy listens on all interfaces at ``port``, hosts the OIP v2, Generation and health
-    services, and answers gRPC server reflection for them. Proxy options are fixed when Serve
-    starts; a running Serve keeps the ones it started with.
-    """
-    return gRPCOptions(
-        port=port,
-        grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS),
-        request_timeout_s=request_timeout_s,
-        enable_reflection=True,
-    )
+    """Options for Serve's gRPC proxy: ``serve.start(grpc_options=grpc_options(port))``. Proxy
+    options are fixed when Serve starts; a running Serve keeps the ones it started with."""
+    return gRPCOptions(**grpc_options_fields(port, request_timeout_s))
 
 
 def build_revision_app(model: str, rev: RevisionSpec) -> serve.Application:
@@ -80,14 +63,6 @@ def revision_builder(args: dict) -> serve.Application:
     return build_revision_app(args["model"], revision)
 
 
-def router_user_config(config: ServeConfig) -> dict:
-    """Everything the Router knows, as its user_config: changing it reconfigures, never restarts."""
-    platform = config.model_dump(mode="json")
-    for model in platform["models"]:
-        model["traffic"] = None  # carried once, below, where the rollout changes it
-    return {"config": platform, "traffic": traffic_table(config)}
-
-
 def router_builder(args: dict) -> serve.Application:
     """Serve's builder for the Router's application (`expertmesh.serve.app:router_builder`)."""
     return Router.bind()
@@ -100,61 +75,6 @@ def build_apps(config: ServeConfig) -> dict[str, serve.Application]:
         for rev in model.revisions:
             apps[revision_app_name(model.name, rev.name)] = build_revision_app(model.name, rev)
     return apps
-
-
-def serve_deploy_config(config: ServeConfig) -> dict:
-    """The declarative Serve config (what a RayService's serveConfigV2 holds).
-
-    Serve restarts every deployment of an application whose args change, so each model
-    revision is an application of its own and the Router's state is its user_config:
-    a new Model, a new revision or a changed spec restarts only that revision's engine and
-    pools, and a traffic step only reconfigures the Router. Only the Router's application has
-    a route, so the HTTP and gRPC proxies see exactly one ingress.
-    """
-    router = {
-        "name": APP_NAME,
-        "route_prefix": "/",
-        "import_path": "expertmesh.serve.app:router_builder",
-        "args": {},
-        "deployments": [{"name": "Router", "user_config": router_user_config(config)}],
-    }
-    revisions = []
-    for model in config.models:
-        for rev in model.revisions:
-            revisions.append(
-                {
-                    "name": revision_app_name(model.name, rev.name),
-                    "route_prefix": None,
-                    "import_path": "expertmesh.serve.app:revision_builder",
-                    "args": {"model": model.name, "revision": rev.model_dump(mode="json")},
-                    # replica counts the operator's autoscaler chooses are added here by name
-                    "deployments": [],
-                }
-            )
-    return {
-        # Read when this config starts Serve (a RayService's serveConfigV2, `serve deploy`).
-        "grpc_options": grpc_options(config.grpc_port).model_dump(exclude_unset=True),
-        "applications": [router, *revisions],
-    }
-
-
-def all_deployments(serve_config_v2: dict) -> dict[str, dict]:
-    """Deployment name -> its entry, across every application of a deploy config."""
-    return {d["name"]: d for app in serve_config_v2["applications"] for d in app.get("deployments", [])}
-
-
-def platform_config(serve_config_v2: dict, what: str = "serveConfigV2") -> ServeConfig:
-    """The ServeConfig a deploy config was made from (read back from the Router's user_config)."""
-    try:
-        (router,) = [app for app in serve_config_v2["applications"] if app["name"] == APP_NAME]
-        (entry,) = [d for d in router["deployments"] if d["name"] == "Router"]
-        raw = copy.deepcopy(entry["user_config"]["config"])
-        traffic = entry["user_config"]["traffic"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{what}: no Router application with a user_config 'config' ({exc!r})") from exc
-    for model in raw.get("models", []):
-        model["traffic"] = traffic.get(model.get("name"))
-    return ServeConfig.parse(raw, what)
 
 
 # How long `deploy` waits for the applications to run. Serve's own blocking deploy gives up

@@ -40,11 +40,11 @@ from expertmesh.kernels import native_kernels
 from expertmesh.model.experts import ExpertPartition
 from expertmesh.model.loader import load_config, load_expert_group
 from expertmesh.serve.expert_transport import ExpertGroupServer
-from expertmesh.serve.metrics import EngineMetrics, expert_pool, mark_replica_up
-from expertmesh.serve.names import engine_deployment_name, revision_app_name
+from expertmesh.serve.metrics import EngineMetrics, mark_replica_up
 from expertmesh.serve.remote_experts import RemoteExpertBackend
 from expertmesh.serve.token_stream import DeltaReceiver, OutputAssembler, StepPublisher
 from expertmesh.serve.traffic import choose_revision
+from expertmesh.serve_layout import engine_deployment_name, expert_pool, revision_app_name
 
 logger = logging.getLogger("ray.serve")
 ENDPOINT_REFRESH_S = 5.0

@@ -28,20 +28,28 @@ from expertmesh.engine.sequence import RequestOutput
 from expertmesh.errors import InvalidRequestError
 from expertmesh.kernels.guard import DECODE, PREFILL, Choice
 from expertmesh.model.experts import ExpertPartition
+from expertmesh.serve_layout import (
+    BATCH_SIZE_METRIC,
+    ENGINE_POOL,
+    GENERATION_TOKENS_METRIC,
+    GROUP_TOKENS_METRIC,
+    PROMPT_TOKENS_METRIC,
+    QUEUE_DEPTH_METRIC,
+    REPLICA_UP_METRIC,
+    REQUESTS_METRIC,
+    TPOT_METRIC,
+    TTFT_METRIC,
+    expert_pool,
+)
 
 logger = logging.getLogger(__name__)
 
-ENGINE_POOL = "engine"
 OUTCOMES = ("stop", "length", "abort", "error", "rejected")
 
 # Seconds. TTFT spans a queue wait and a prefill; TPOT one decode step. Ray exports a histogram's
 # _sum from bucket midpoints, so means (sum/count) are approximate; quantiles use the buckets.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-
-def expert_pool(group: int) -> str:
-    return f"experts-g{group}"
 
 
 @dataclass(frozen=True)
@@ -62,30 +70,30 @@ class Series:
 
 
 REQUESTS = Series(
-    "expertmesh_requests",
+    REQUESTS_METRIC,
     "counter",
     "Requests ended, by outcome: stop, length (finished), abort (client left), error, rejected (invalid or queue full)",
     ("outcome",),
 )
 TTFT = Series(
-    "expertmesh_time_to_first_token_seconds",
+    TTFT_METRIC,
     "histogram",
     "Seconds from the engine accepting a request to its first token",
     buckets=TTFT_BUCKETS,
 )
 TPOT = Series(
-    "expertmesh_time_per_output_token_seconds",
+    TPOT_METRIC,
     "histogram",
     "Seconds per output token after the first, per request",
     buckets=TPOT_BUCKETS,
 )
-PROMPT_TOKENS = Series("expertmesh_prompt_tokens", "counter", "Prompt tokens prefilled")
-GENERATION_TOKENS = Series("expertmesh_generation_tokens", "counter", "Tokens generated")
-BATCH_SIZE = Series("expertmesh_batch_size", "gauge", "Sequences in the running batch")
-QUEUE_DEPTH = Series("expertmesh_queue_depth", "gauge", "Requests waiting to join the batch")
+PROMPT_TOKENS = Series(PROMPT_TOKENS_METRIC, "counter", "Prompt tokens prefilled")
+GENERATION_TOKENS = Series(GENERATION_TOKENS_METRIC, "counter", "Tokens generated")
+BATCH_SIZE = Series(BATCH_SIZE_METRIC, "gauge", "Sequences in the running batch")
+QUEUE_DEPTH = Series(QUEUE_DEPTH_METRIC, "gauge", "Requests waiting to join the batch")
 KV_CACHE_USAGE = Series("expertmesh_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks in use")
 GROUP_TOKENS = Series(
-    "expertmesh_expert_group_tokens",
+    GROUP_TOKENS_METRIC,
     "counter",
     "Token rows routed to an expert group (pool), per MoE layer",
     ("layer",),
@@ -115,7 +123,7 @@ REPLICA_IMBALANCE = Series(
     "Max/mean token rows over the replicas of an expert pool in the last flush window (1.0 = balanced)",
 )
 REPLICA_UP = Series(
-    "expertmesh_replica_up",
+    REPLICA_UP_METRIC,
     "gauge",
     "1 for each live replica of a pool; sum by (model, revision, pool) is the pool's replica count",
 )

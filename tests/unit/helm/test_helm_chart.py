@@ -20,7 +20,8 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 from ray.serve.schema import ServeDeploySchema
 
-from expertmesh.serve.app import APP_NAME, build_apps, platform_config, serve_deploy_config
+from expertmesh.serve.app import build_apps
+from expertmesh.serve_layout import APP_NAME, platform_config, serve_deploy_config
 from expertmesh_operator.crd import CRD_NAME
 from expertmesh_operator.main import parse_args, settings_from
 from expertmesh_operator.reconcile import rayservice_manifest

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from expertmesh.serve.app import platform_config
+from expertmesh.serve_layout import platform_config
 from expertmesh_operator.crd import CRD_NAME, GROUP, KIND, VERSION, ModelResource
 from expertmesh_operator.reconcile import ObservedState, reconcile
 from expertmesh_operator.semantics import spec_problems

@@ -11,7 +11,7 @@ from fake_kube import FakeKubernetesApi
 from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.config import ServeConfig
-from expertmesh.serve.app import all_deployments, platform_config
+from expertmesh.serve_layout import all_deployments, platform_config
 from expertmesh_operator.autoscale import PoolMetrics
 from expertmesh_operator.crd import FINALIZER, ROLLOUT_ANNOTATION, ModelResourceStatus
 from expertmesh_operator.loop import OperatorSettings, reconcile_once

@@ -5,7 +5,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.config import ServeConfig
 from expertmesh.model.config import ModelConfig, MoEConfig
-from expertmesh.serve.app import platform_config, serve_deploy_config
+from expertmesh.serve_layout import platform_config, serve_deploy_config
 from expertmesh_operator.crd import ROLLOUT_ANNOTATION, ModelResource
 from expertmesh_operator.reconcile import ObservedState, rayservice_manifest, reconcile
 from expertmesh_operator.rollout import AnalysisResult
