@@ -7,7 +7,7 @@ expert layout is checked against the real model, not a guess.
 
 from __future__ import annotations
 
-from expertmesh.config import MAX_REPLICA_CPUS
+from expertmesh.config import MAX_REPLICA_CPUS, moge_groups_problem
 from expertmesh.model.config import ModelConfig
 from expertmesh_operator.crd import ModelResourceSpec
 from expertmesh_operator.resources import quantity
@@ -106,14 +106,12 @@ def _expert_layout(spec: ModelResourceSpec, cfg: ModelConfig | None) -> list[str
             f"expertParallel.groups ({ep.groups}) must divide num_experts ({num_experts}); "
             f"try one of {[g for g in range(1, min(num_experts, 256) + 1) if num_experts % g == 0]}"
         )
-    if cfg is not None and cfg.moe is not None and cfg.moe.routing == "moge" and ep.groups is not None:
-        moge = cfg.moe.num_routing_groups
-        if ep.groups != moge:
-            problems.append(
-                f"a MoGE model's expert groups are its {moge} routing groups; "
-                f"set expertParallel.groups to {moge} or leave it out"
-            )
-    return problems
+    problem = (
+        moge_groups_problem(cfg.moe.routing, cfg.moe.routing_groups, ep.groups)
+        if cfg is not None and cfg.moe is not None
+        else None
+    )
+    return problems + ([problem] if problem else [])
 
 
 def _limits(spec: ModelResourceSpec, cfg: ModelConfig | None) -> list[str]:

@@ -146,6 +146,17 @@ def traffic_table(config: ServeConfig) -> dict[str, dict[str, int]]:
     return {m.name: m.weights() for m in config.models}
 
 
+def moge_groups_problem(routing: str, routing_groups: int | None, requested: int | None) -> str | None:
+    """MoGE's rule: its expert pools are exactly its routing groups (each token sends one row to
+    each, which is what balances them). The problem with a `requested` count, or None."""
+    if routing != "moge" or requested is None or requested == routing_groups:
+        return None
+    return (
+        f"a MoGE model's expert groups are its {routing_groups} routing groups, got groups={requested}; "
+        f"set expertParallel.groups to {routing_groups} or leave it out"
+    )
+
+
 def default_groups(num_experts: int, routing_groups: int | None) -> int:
     """The groups routing itself defines where it has them (MoGE's groups, DeepSeek's n_group);
     otherwise the largest divisor of num_experts that is at most 8."""

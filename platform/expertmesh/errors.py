@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
 from pydantic import ValidationError
+
+logger = logging.getLogger(__name__)
 
 
 class ExpertMeshError(Exception):
@@ -20,6 +26,14 @@ class BackendUnavailableError(ExpertMeshError):
 
 class InvalidRequestError(ExpertMeshError, ValueError):
     """A request the engine will never serve as given (prompt too long, bad sampling values)."""
+
+
+class QueueFullError(InvalidRequestError):
+    """The waiting queue is at `max_queued_requests`: try again later."""
+
+
+class EngineDeadError(ExpertMeshError, RuntimeError):
+    """The engine loop stopped on an error; no request can make progress."""
 
 
 def describe_validation_error(exc: ValidationError, what: str) -> str:
@@ -58,3 +72,42 @@ def remote_cause(exc: BaseException) -> BaseException:
     while isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException) and exc.cause is not exc:
         exc = exc.cause
     return exc
+
+
+# What a client is told about a request that failed, whatever the protocol: the OpenAI API maps
+# these to HTTP statuses, the gRPC services to status codes.
+ErrorKind = Literal["not_found", "overloaded", "invalid", "unavailable", "internal"]
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    """Pure: the kind of a failure (after `remote_cause`). QueueFullError is an InvalidRequestError
+    too, so it is asked first."""
+    if isinstance(exc, ModelNotFoundError):
+        return "not_found"
+    if isinstance(exc, QueueFullError):
+        return "overloaded"
+    if isinstance(exc, InvalidRequestError):
+        return "invalid"
+    if isinstance(exc, EngineDeadError | BackendUnavailableError):
+        return "unavailable"
+    return "internal"
+
+
+@dataclass(frozen=True)
+class ClientError:
+    kind: ErrorKind
+    message: str
+
+
+def client_error(exc: BaseException) -> ClientError:
+    """The kind and client-facing message of what serving a request raised (a Ray error unwrapped
+    to its cause). The server's own failures are logged here: an unavailable engine or pool as
+    an error, anything unexpected with its traceback, and the client never sees a traceback."""
+    exc = remote_cause(exc)
+    kind = classify(exc)
+    if kind == "unavailable":
+        logger.error("engine unavailable: %s", exc)
+    if kind == "internal":
+        logger.error("unexpected error serving a request", exc_info=exc)
+        return ClientError(kind, f"internal server error ({type(exc).__name__}); see the server log")
+    return ClientError(kind, str(exc))

@@ -12,12 +12,12 @@ import torch
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.detokenizer import PROMPT_CONTEXT_TOKENS
 from expertmesh.engine.kv_cache import blocks_for, bytes_per_token
-from expertmesh.engine.llm_engine import LLMEngine, QueueFullError, warm_up_lengths
+from expertmesh.engine.llm_engine import LLMEngine, warm_up_lengths
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import StepPlan, plan_step
 from expertmesh.engine.sequence import RequestOutput, Sequence, SequenceStatus
-from expertmesh.errors import InvalidRequestError
+from expertmesh.errors import InvalidRequestError, QueueFullError
 
 STOP_PROMPT = "The quick brown fox"
 

@@ -18,10 +18,8 @@ from expertmesh.api.grpc_service import (
 )
 from expertmesh.api.pb import generation_pb2 as gen
 from expertmesh.api.pb import grpc_predict_v2_pb2 as oip
-from expertmesh.engine.async_engine import EngineDeadError
-from expertmesh.engine.llm_engine import QueueFullError
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.errors import InvalidRequestError, ModelNotFoundError
+from expertmesh.errors import EngineDeadError, InvalidRequestError, ModelNotFoundError, QueueFullError
 
 
 def request_with(*elements: bytes, raw: bool = False, shape=(1,), datatype="BYTES") -> oip.ModelInferRequest:

@@ -38,7 +38,6 @@ finishes (max_tokens or the context's end); a Watch stream until WATCH_MAX_S_ENV
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -52,14 +51,13 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray.serve.grpc_util import RayServegRPCContext
 
+from expertmesh.api.auth import bearer_accepted
 from expertmesh.api.engine_client import EngineClient
 from expertmesh.api.pb import generation_pb2 as gen
 from expertmesh.api.pb import grpc_predict_v2_pb2 as oip
-from expertmesh.engine.async_engine import EngineDeadError
-from expertmesh.engine.llm_engine import QueueFullError
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
-from expertmesh.errors import BackendUnavailableError, InvalidRequestError, ModelNotFoundError, remote_cause
+from expertmesh.errors import ErrorKind, client_error, remote_cause
 
 logger = logging.getLogger(__name__)
 
@@ -101,22 +99,22 @@ def invalid(details: str) -> GrpcAbort:
     return GrpcAbort(grpc.StatusCode.INVALID_ARGUMENT, details)
 
 
+STATUS_OF_KIND: dict[ErrorKind, grpc.StatusCode] = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for what serving a request raised."""
-    exc = remote_cause(exc)
-    if isinstance(exc, GrpcAbort):
-        return exc.code, exc.details
-    if isinstance(exc, ModelNotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, QueueFullError):  # before InvalidRequestError: it is one
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, InvalidRequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, EngineDeadError | BackendUnavailableError):
-        logger.error("engine unavailable: %s", exc)
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    logger.error("unexpected error serving a gRPC request", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log"
+    cause = remote_cause(exc)
+    if isinstance(cause, GrpcAbort):
+        return cause.code, cause.details
+    error = client_error(exc)
+    return STATUS_OF_KIND[error.kind], error.message
 
 
 def _fail(ctx: RayServegRPCContext | None, exc: BaseException) -> NoReturn:
@@ -130,14 +128,9 @@ def _fail(ctx: RayServegRPCContext | None, exc: BaseException) -> NoReturn:
 
 def api_key_accepted(invocation_metadata: Iterable[tuple[str, Any]], api_key: str | None) -> bool:
     """Whether the call's metadata carries ``authorization: Bearer <api_key>`` (always, without a key)."""
-    if api_key is None:
-        return True
-    given = next((v for k, v in invocation_metadata if k.lower() == "authorization"), "")
-    if isinstance(given, bytes):
-        given = given.decode(errors="replace")
-    scheme, _, token = str(given).partition(" ")
-    # compare_digest: the time taken does not reveal how much of a guess was right
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+    return bearer_accepted(
+        next((v for k, v in invocation_metadata if k.lower() == "authorization"), None), api_key
+    )
 
 
 # --- ModelInfer: tensors and parameters ---------------------------------------------------------

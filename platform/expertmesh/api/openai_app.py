@@ -27,7 +27,6 @@ KV cache at once — for streams and for non-streaming requests alike.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
@@ -42,6 +41,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from expertmesh.api.auth import bearer_accepted
 from expertmesh.api.chat_template import InvalidMessagesError
 from expertmesh.api.engine_client import EngineClient, ModelInfo
 from expertmesh.api.openai_schemas import (
@@ -64,11 +64,9 @@ from expertmesh.api.openai_schemas import (
     new_id,
     sse_event,
 )
-from expertmesh.engine.async_engine import EngineDeadError
-from expertmesh.engine.llm_engine import QueueFullError
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
-from expertmesh.errors import BackendUnavailableError, InvalidRequestError, ModelNotFoundError, remote_cause
+from expertmesh.errors import ModelNotFoundError, client_error, remote_cause
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +97,7 @@ def build_openai_app(engine_client: EngineClient | None = None, *, api_key: str 
 
 
 def _check_api_key(request: Request) -> None:
-    key = request.app.state.api_key
-    if key is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # compare_digest: the time taken does not reveal how much of a guess was right
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+    if not bearer_accepted(request.headers.get("authorization"), request.app.state.api_key):
         raise OpenAIError(
             401,
             "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
@@ -409,24 +402,25 @@ class EventStreamResponse(StreamingResponse):
 
 def _as_openai_error(exc: BaseException, prompt_param: str | None) -> OpenAIError:
     """Map what the engine side raises to the status and shape a client expects."""
-    exc = remote_cause(exc)
-    if isinstance(exc, OpenAIError):
-        return exc
-    if isinstance(exc, ModelNotFoundError):
-        return OpenAIError(404, str(exc), type="NotFoundError", param="model", code="model_not_found")
-    if isinstance(exc, QueueFullError):  # before InvalidRequestError: it is one
+    cause = remote_cause(exc)
+    if isinstance(cause, OpenAIError):
+        return cause
+    error = client_error(exc)
+    if error.kind == "not_found":
+        return OpenAIError(404, error.message, type="NotFoundError", param="model", code="model_not_found")
+    if error.kind == "overloaded":
         return OpenAIError(
-            429, str(exc), type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"}
+            429,
+            error.message,
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": "1"},
         )
-    if isinstance(exc, InvalidRequestError):
-        return bad_request(str(exc), prompt_param)
-    if isinstance(exc, EngineDeadError | BackendUnavailableError):
-        logger.error("engine unavailable: %s", exc)
-        return OpenAIError(503, str(exc), type="service_unavailable_error")
-    logger.error("unexpected error serving a request", exc_info=exc)
-    return OpenAIError(
-        500, f"internal server error ({type(exc).__name__}); see the server log", type="internal_error"
-    )
+    if error.kind == "invalid":
+        return bad_request(error.message, prompt_param)
+    if error.kind == "unavailable":
+        return OpenAIError(503, error.message, type="service_unavailable_error")
+    return OpenAIError(500, error.message, type="internal_error")
 
 
 def _error_response(err: OpenAIError) -> JSONResponse:

@@ -10,7 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
-from expertmesh.errors import BackendUnavailableError, InvalidRequestError
+from expertmesh.errors import (
+    BackendUnavailableError,
+    EngineDeadError,
+    InvalidRequestError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +27,6 @@ def discard_outputs(output: RequestOutput) -> None:
 
 
 _ABORTED = object()  # put on a stream's queue by abort(): the stream ends
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped on an error; no request can make progress."""
 
 
 class AsyncLLMEngine:

@@ -23,7 +23,12 @@ from expertmesh.engine.sampler import sample
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import Scheduler
 from expertmesh.engine.sequence import CompletionOutput, RequestOutput, Sequence
-from expertmesh.errors import BackendUnavailableError, CheckpointError, InvalidRequestError
+from expertmesh.errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    InvalidRequestError,
+    QueueFullError,
+)
 from expertmesh.kernels import native_kernels
 from expertmesh.kernels.guard import Choice, describe
 from expertmesh.model.config import ModelConfig
@@ -42,10 +47,6 @@ class StepStats:
     prefill_tokens: int = 0
     seconds: float = 0.0
     decode_context_tokens: int = 0  # cached positions the decoding sequences attended over, summed
-
-
-class QueueFullError(InvalidRequestError):
-    """The waiting queue is at `max_queued_requests`: try again later."""
 
 
 def load_tokenizer(directory: Path) -> Tokenizer | SentencePieceTokenizer:

@@ -29,7 +29,7 @@ from expertmesh.api.chat_template import ChatTemplate
 from expertmesh.api.engine_client import ModelInfo
 from expertmesh.api.grpc_service import GrpcServicesMixin
 from expertmesh.api.openai_app import build_openai_app
-from expertmesh.config import RevisionSpec, ServeConfig, default_groups
+from expertmesh.config import RevisionSpec, ServeConfig, default_groups, moge_groups_problem
 from expertmesh.engine.async_engine import AsyncLLMEngine, discard_outputs
 from expertmesh.engine.kernel_guard import guard_expert_pool
 from expertmesh.engine.llm_engine import LLMEngine, context_length, load_tokenizer
@@ -54,12 +54,10 @@ def partition_for(spec: RevisionSpec) -> ExpertPartition:
     cfg = load_config(spec.source)
     if cfg.moe is None:
         raise ExpertMeshError(f"{spec.source}: a dense model cannot run disaggregated experts")
-    moge = cfg.moe.num_routing_groups if cfg.moe.routing == "moge" else None
+    problem = moge_groups_problem(cfg.moe.routing, cfg.moe.routing_groups, spec.expert_parallel.groups)
+    if problem:
+        raise ExpertMeshError(problem)
     groups = spec.expert_parallel.groups or default_groups(cfg.moe.num_experts, cfg.moe.routing_groups)
-    if moge and groups != moge:
-        raise ExpertMeshError(
-            f"a MoGE model's expert groups are its {moge} routing groups, got groups={groups}"
-        )
     return ExpertPartition(cfg.moe.num_experts, groups)
 
 
