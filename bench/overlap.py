@@ -26,10 +26,11 @@ from ray import serve
 
 from expertmesh.config import ExpertParallelSpec, RevisionSpec
 from expertmesh.engine.config import EngineConfig
-from expertmesh.engine.llm_engine import LLMEngine, load_tokenizer, stop_token_ids
+from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.model.checkpoint_maker import make_checkpoint
 from expertmesh.model.loader import load_config, load_model
+from expertmesh.model.tokenizer_files import load_tokenizer, stop_token_ids
 from expertmesh.serve.deployments import ExpertGroup, partition_for
 from expertmesh.serve.remote_experts import RemoteExpertBackend
 

@@ -62,10 +62,10 @@ from ray import serve
 from expertmesh import LLM, SamplingParams
 from expertmesh.config import ServeConfig
 from expertmesh.engine.config import EngineConfig
-from expertmesh.engine.llm_engine import load_tokenizer
 from expertmesh.model.checkpoint_maker import make_checkpoint
 from expertmesh.model.experts import ColocatedExpertBackend, ExpertBatch, ExpertPartition
 from expertmesh.model.loader import load_config
+from expertmesh.model.tokenizer_files import load_tokenizer
 from expertmesh.serve.app import deploy, grpc_options
 from expertmesh.serve.metrics import (
     REPLICA_IMBALANCE,

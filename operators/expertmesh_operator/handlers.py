@@ -25,7 +25,7 @@ import kopf
 
 from expertmesh_operator.crd import GROUP, PLURAL, VERSION
 from expertmesh_operator.kube import KubeError, KubernetesApi
-from expertmesh_operator.loop import LoopReport, MetricsSource, OperatorSettings, reconcile_once
+from expertmesh_operator.reconcile_round import LoopReport, MetricsSource, OperatorSettings, reconcile_once
 
 logger = logging.getLogger(__name__)
 KOPF_PREFIX = "kopf.serving.expertmesh.io"

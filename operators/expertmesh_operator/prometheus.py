@@ -54,7 +54,7 @@ from expertmesh.serve_layout import (
     REQUESTS_METRIC,
     TPOT_METRIC,
 )
-from expertmesh_operator.autoscale import PoolMetrics
+from expertmesh_operator.pool_autoscale import PoolMetrics
 from expertmesh_operator.rollout import AnalysisResult
 
 # The series as Prometheus stores them: counters gain "_total", histograms "_bucket".

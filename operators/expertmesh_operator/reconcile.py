@@ -44,7 +44,7 @@ from expertmesh_operator.crd import (
 from expertmesh_operator.events import Event
 from expertmesh_operator.resources import replica_resources
 from expertmesh_operator.rollout import AnalysisResult, advance, weights
-from expertmesh_operator.semantics import spec_problems
+from expertmesh_operator.spec_checks import spec_problems
 
 
 class ObservedState(BaseModel):

@@ -115,7 +115,7 @@ class OperatorThread:
     ):
         from expertmesh_operator.handlers import Operator
         from expertmesh_operator.kube import KubernetesClient, load_api_client
-        from expertmesh_operator.loop import OperatorSettings
+        from expertmesh_operator.reconcile_round import OperatorSettings
 
         self.api_client = load_api_client(kubeconfig or KUBECONFIG)
         self.client = KubernetesClient(self.api_client)

@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from expertmesh.serve.metrics import TPOT_BUCKETS
-from expertmesh_operator.autoscale import (
+from expertmesh_operator.crd import AutoscalingTargets, CanaryAnalysis
+from expertmesh_operator.pool_autoscale import (
     PoolMetrics,
     Recommendation,
     ReplicaBounds,
@@ -32,7 +33,6 @@ from expertmesh_operator.autoscale import (
     pool_decisions,
     remember,
 )
-from expertmesh_operator.crd import AutoscalingTargets, CanaryAnalysis
 from expertmesh_operator.prometheus import PrometheusClient
 from expertmesh_operator.rollout import judge
 

@@ -5,12 +5,13 @@ import torch
 
 import expertmesh.model.transformer as transformer_module
 from expertmesh.engine.config import EngineConfig
-from expertmesh.engine.llm_engine import LLMEngine, load_tokenizer, stop_token_ids
+from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.model.attention import ForwardBatch, PrefillSpan
 from expertmesh.model.experts import ColocatedExpertBackend
 from expertmesh.model.loader import load_config, load_model
 from expertmesh.model.micro_batch import plan_micro_batches, split_forward_batch, split_row
+from expertmesh.model.tokenizer_files import load_tokenizer, stop_token_ids
 
 
 def step(num_decode: int, chunks: list[int], cached: int = 0) -> tuple[ForwardBatch, int]:

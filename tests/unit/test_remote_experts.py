@@ -10,10 +10,11 @@ import expertmesh.model.transformer as transformer_module
 from expertmesh.config import default_groups
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.llm import LLM
-from expertmesh.engine.llm_engine import LLMEngine, load_tokenizer, stop_token_ids
+from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.model.experts import ExpertPartition, plan_dispatch
 from expertmesh.model.loader import load_config, load_expert_group, load_model
+from expertmesh.model.tokenizer_files import load_tokenizer, stop_token_ids
 from expertmesh.serve.expert_transport import ExpertGroupServer
 from expertmesh.serve.remote_experts import RemoteExpertBackend, joining_balance, pick_replica
 

@@ -13,10 +13,10 @@ import sentencepiece as spm
 from expertmesh import LLM, SamplingParams
 from expertmesh.api.chat_template import ChatTemplate
 from expertmesh.engine.detokenizer import Detokenizer
-from expertmesh.engine.llm_engine import load_tokenizer
 from expertmesh.engine.sampling_params import SamplingParams as Params
 from expertmesh.engine.sequence import Sequence
 from expertmesh.model.sentencepiece_tokenizer import tokenizer_from_sentencepiece
+from expertmesh.model.tokenizer_files import load_tokenizer
 from expertmesh.model.tokenizer_training import corpus_texts
 
 PANGU_SYMBOLS = ["[unused9]", "[unused10]", "[unused16]", "[unused17]"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import threading
 import time
@@ -13,11 +12,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from expertmesh.engine.allocator import retain_freed_memory
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.detokenizer import Detokenizer, find_stop, stop_holdback
 from expertmesh.engine.kernel_guard import MAX_PREFILL_ROWS, guard_kernels
 from expertmesh.engine.kv_cache import BlockAllocator, KVCache
+from expertmesh.engine.malloc_retention import retain_freed_memory
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.sampler import sample
 from expertmesh.engine.sampling_params import SamplingParams
@@ -25,7 +24,6 @@ from expertmesh.engine.scheduler import Scheduler
 from expertmesh.engine.sequence import CompletionOutput, RequestOutput, Sequence
 from expertmesh.errors import (
     BackendUnavailableError,
-    CheckpointError,
     InvalidRequestError,
     QueueFullError,
 )
@@ -33,7 +31,7 @@ from expertmesh.kernels import native_kernels
 from expertmesh.kernels.guard import Choice, describe
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.loader import load_config, load_model, resolve_dtype
-from expertmesh.model.sentencepiece_tokenizer import SentencePieceTokenizer, load_sentencepiece
+from expertmesh.model.tokenizer_files import load_tokenizer, stop_token_ids
 from expertmesh.model.transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -47,37 +45,6 @@ class StepStats:
     prefill_tokens: int = 0
     seconds: float = 0.0
     decode_context_tokens: int = 0  # cached positions the decoding sequences attended over, summed
-
-
-def load_tokenizer(directory: Path) -> Tokenizer | SentencePieceTokenizer:
-    """tokenizer.json where the checkpoint has one; else a SentencePiece tokenizer.model (with
-    tokenizer_config.json), as the Pangu releases ship theirs."""
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        if (directory / "tokenizer.model").is_file():
-            return load_sentencepiece(directory)
-        raise CheckpointError(
-            f"{directory}: neither tokenizer.json nor a SentencePiece tokenizer.model found "
-            "(pass skip_tokenizer_init=True to use token ids)"
-        )
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
-        raise CheckpointError(f"{path}: cannot load tokenizer ({exc})") from exc
-
-
-def stop_token_ids(directory: Path, model_eos: tuple[int, ...]) -> set[int]:
-    """EOS ids from generation_config.json when present (it may list several), else config.json."""
-    path = directory / "generation_config.json"
-    eos: set[int] = set(model_eos)
-    if path.is_file():
-        try:
-            value = json.loads(path.read_text()).get("eos_token_id")
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-        if value is not None:
-            eos = set(value) if isinstance(value, list) else {int(value)}
-    return eos
 
 
 def context_length(config: EngineConfig, model: ModelConfig) -> int:

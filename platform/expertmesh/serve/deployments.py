@@ -32,13 +32,14 @@ from expertmesh.api.openai_app import build_openai_app
 from expertmesh.config import RevisionSpec, ServeConfig, default_groups, moge_groups_problem
 from expertmesh.engine.async_engine import AsyncLLMEngine, discard_outputs
 from expertmesh.engine.kernel_guard import guard_expert_pool
-from expertmesh.engine.llm_engine import LLMEngine, context_length, load_tokenizer
+from expertmesh.engine.llm_engine import LLMEngine, context_length
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.sequence import RequestOutput
 from expertmesh.errors import ExpertMeshError, ModelNotFoundError
 from expertmesh.kernels import native_kernels
 from expertmesh.model.experts import ExpertPartition
 from expertmesh.model.loader import load_config, load_expert_group
+from expertmesh.model.tokenizer_files import load_tokenizer
 from expertmesh.serve.expert_transport import ExpertGroupServer
 from expertmesh.serve.metrics import EngineMetrics, mark_replica_up
 from expertmesh.serve.remote_experts import RemoteExpertBackend

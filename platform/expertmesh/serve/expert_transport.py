@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from expertmesh.engine.allocator import retain_freed_memory
+from expertmesh.engine.malloc_retention import retain_freed_memory
 from expertmesh.model.experts import ExpertBatch, ExpertWeights, apply_experts, pack_expert_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

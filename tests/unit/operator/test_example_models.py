@@ -14,7 +14,7 @@ import yaml
 from expertmesh.serve_layout import platform_config
 from expertmesh_operator.crd import CRD_NAME, GROUP, KIND, VERSION, ModelResource
 from expertmesh_operator.reconcile import ObservedState, reconcile
-from expertmesh_operator.semantics import spec_problems
+from expertmesh_operator.spec_checks import spec_problems
 
 ROOT = Path(__file__).parents[3]
 EXAMPLES = ROOT / "deployments" / "models"

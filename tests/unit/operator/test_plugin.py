@@ -6,7 +6,7 @@ from fake_kube import FakeKubernetesApi
 
 from expertmesh_operator import plugin
 from expertmesh_operator.crd import ROLLOUT_ANNOTATION
-from expertmesh_operator.loop import OperatorSettings, reconcile_once
+from expertmesh_operator.reconcile_round import OperatorSettings, reconcile_once
 
 T0 = 1_700_000_000.0
 SETTINGS = OperatorSettings(namespaces=("ml",))

@@ -13,8 +13,8 @@ import math
 import pytest
 
 from expertmesh_operator import prometheus as prom
-from expertmesh_operator.autoscale import ReplicaBounds, pool_decisions
 from expertmesh_operator.crd import AutoscalingTargets
+from expertmesh_operator.pool_autoscale import ReplicaBounds, pool_decisions
 from expertmesh_operator.prometheus import (
     MatrixSeries,
     PrometheusClient,

@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from expertmesh.errors import ExpertMeshError
 from expertmesh.model.config import ModelConfig
 from expertmesh.serve_layout import ENGINE_POOL, engine_deployment_name, expert_deployment_name, expert_pool
-from expertmesh_operator.autoscale import PoolMetrics
 from expertmesh_operator.crd import (
     FINALIZER,
     ROLLOUT_ANNOTATION,
@@ -42,6 +41,8 @@ from expertmesh_operator.crd import (
 )
 from expertmesh_operator.events import Event
 from expertmesh_operator.kube import KubeError, KubernetesApi, ObjectEvent
+from expertmesh_operator.model_scaling import ModelScaling, scale_model
+from expertmesh_operator.pool_autoscale import PoolMetrics
 from expertmesh_operator.reconcile import (
     ObservedState,
     _condition,
@@ -49,7 +50,6 @@ from expertmesh_operator.reconcile import (
     reconcile,
 )
 from expertmesh_operator.rollout import AnalysisResult
-from expertmesh_operator.scaling import ModelScaling, scale_model
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from expertmesh.model.config import ModelConfig, MoEConfig
 from expertmesh_operator.crd import ModelResourceSpec
-from expertmesh_operator.semantics import spec_problems
+from expertmesh_operator.spec_checks import spec_problems
 
 BASE = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 PANGU = ModelConfig(

@@ -12,9 +12,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.config import ServeConfig
 from expertmesh.serve_layout import all_deployments, platform_config
-from expertmesh_operator.autoscale import PoolMetrics
 from expertmesh_operator.crd import FINALIZER, ROLLOUT_ANNOTATION, ModelResourceStatus
-from expertmesh_operator.loop import OperatorSettings, reconcile_once
+from expertmesh_operator.pool_autoscale import PoolMetrics
+from expertmesh_operator.reconcile_round import OperatorSettings, reconcile_once
 from expertmesh_operator.rollout import AnalysisResult
 
 T0 = 1_700_000_000.0

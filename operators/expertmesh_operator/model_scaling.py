@@ -1,4 +1,4 @@
-"""Autoscaling for one whole Model, as a pure function over the per-pool policy in autoscale.py.
+"""Autoscaling for one whole Model, as a pure function over the per-pool policy in pool_autoscale.py.
 
 `scale_model` knows a Model's pools (an engine and, when disaggregated, one pool per expert
 group, for every deployed revision), their bounds from the spec, that MoGE expert pools scale
@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from expertmesh.serve_layout import engine_deployment_name, expert_deployment_name
-from expertmesh_operator.autoscale import (
+from expertmesh_operator.crd import AutoscalingStatus, ModelResource, ScaleRecommendation
+from expertmesh_operator.events import Event
+from expertmesh_operator.pool_autoscale import (
     PoolMetrics,
     ReplicaBounds,
     ScaleDecision,
@@ -22,8 +24,6 @@ from expertmesh_operator.autoscale import (
     pool_decisions,
     remember,
 )
-from expertmesh_operator.crd import AutoscalingStatus, ModelResource, ScaleRecommendation
-from expertmesh_operator.events import Event
 
 
 class ModelScaling(BaseModel):

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from expertmesh.engine.allocator import DISABLE_ENV
+from expertmesh.engine.malloc_retention import DISABLE_ENV
 
 PROBE = """
 import json, resource, torch
-from expertmesh.engine.allocator import retain_freed_memory
+from expertmesh.engine.malloc_retention import retain_freed_memory
 took = retain_freed_memory()
 def faults_of_a_fresh_block():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

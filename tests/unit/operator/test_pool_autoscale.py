@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import math
 
-from expertmesh_operator.autoscale import (
+from expertmesh_operator.crd import AutoscalingTargets
+from expertmesh_operator.pool_autoscale import (
     PoolMetrics,
     Recommendation,
     ReplicaBounds,
@@ -10,7 +11,6 @@ from expertmesh_operator.autoscale import (
     pool_decisions,
     remember,
 )
-from expertmesh_operator.crd import AutoscalingTargets
 
 NOW = 10_000.0
 TARGETS = AutoscalingTargets(
