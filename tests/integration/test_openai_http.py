@@ -343,6 +343,32 @@ def test_malformed_bodies_get_openai_error_shapes(port):
     assert status == 404 and "message" in body["error"]
 
 
+def test_the_openapi_document_declares_the_answers_the_server_gives(port):
+    """OpenAI's error shape for 400/401/404/405/429/500/503, Retry-After and Allow declared, and
+    none of FastAPI's 422s: this server answers a bad body with a 400."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=10) as response:
+        doc = json.load(response)
+    assert "422" not in json.dumps(doc["paths"]) and "HTTPValidationError" not in json.dumps(doc)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        answers = doc["paths"][path]["post"]["responses"]
+        assert set(answers) == {"200", "400", "401", "404", "405", "429", "500", "503"}
+        for status in ("400", "404", "429", "503"):
+            schema = answers[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+        assert "Retry-After" in answers["429"]["headers"] and "Allow" in answers["405"]["headers"]
+        assert "text/event-stream" in answers["200"]["content"]
+    assert "404" in doc["paths"]["/v1/models/{model}"]["get"]["responses"]
+
+
+def test_a_wrong_method_is_405_with_allow(port):
+    """RFC 9110: a 405 names the methods the resource takes."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="GET")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 405 and caught.value.headers["Allow"] == "POST"
+    assert json.load(caught.value)["error"]["type"] == "invalid_request_error"
+
+
 def test_full_queue_is_429_at_once_and_the_queue_drains(oai, port, engines):
     engine = engines.engine(ONE_SEAT).engine
     long_request = {"model": ONE_SEAT, "prompt": PROMPT, "max_tokens": LONG, "stream": True}

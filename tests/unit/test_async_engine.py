@@ -155,7 +155,7 @@ def test_abort_by_id_ends_the_stream(aengine):
 
         await asyncio.wait_for(consume(), 3.0)
         assert len(outs) < 1000
-        assert outs[-1].finished is False or outs[-1].outputs[0].finish_reason == "abort"
+        assert not outs[-1].finished  # the stream ended at the abort, with no finished output
         assert idle(aengine)
 
     run(main())

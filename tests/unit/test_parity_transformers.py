@@ -53,6 +53,7 @@ FAMILIES = {
         transformers.MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
     ),
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, intermediate_size=128)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, intermediate_size=128)),
     # MLA with a low-rank query, noaux_tc routing over 4 groups keeping 2, a dense first layer,
     # two shared experts, and YaRN: the longest prompts and their outputs pass the original context
     "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(

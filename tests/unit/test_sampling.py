@@ -69,8 +69,11 @@ def test_top_k_1_is_greedy(pangu_llm, greedy_reference, temperature):
     assert tokens(pangu_llm, PROMPT, params) == greedy_reference(PROMPT, 16).token_ids
 
 
-def test_tiny_top_p_is_greedy(pangu_llm, greedy_reference):
-    params = random_params(11, top_p=1e-6)
+@pytest.mark.parametrize("top_p", [1e-6, 1e-45, 2e-59, 1e-300])  # the last three are 0 in fp32
+def test_tiny_top_p_is_greedy(pangu_llm, greedy_reference, top_p):
+    """Found by schemathesis: a top_p that rounds to 0 in fp32 once dropped every token, and the
+    sampler's failure stopped the engine."""
+    params = random_params(11, top_p=top_p)
     assert tokens(pangu_llm, PROMPT, params) == greedy_reference(PROMPT, 16).token_ids
 
 

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,6 +57,7 @@ from expertmesh.api.openai_schemas import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    ErrorResponse,
     ModelCard,
     ModelList,
     OpenAIError,
@@ -85,12 +87,27 @@ def build_openai_app(engine_client: EngineClient | None = None, *, api_key: str 
     app.add_exception_handler(ClientDisconnected, _client_disconnected)
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(_v1)
+    app.openapi = lambda: _openapi(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document without the 422 it declares for every route with a body or parameters:
+    this server answers a bad request with OpenAI's 400 instead (`_validation_error`)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # --- access -------------------------------------------------------------------------------------
@@ -120,7 +137,43 @@ def _model_info(client: EngineClient, model: str) -> ModelInfo:
         raise _as_openai_error(exc, "model") from exc
 
 
-_v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+def _errors(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI entries for the error answers a route really gives, all in OpenAI's error shape."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]}
+        | (
+            {"headers": {_ERROR_HEADERS[status]: {"schema": {"type": "string"}}}}
+            if status in _ERROR_HEADERS
+            else {}
+        )
+        for status in statuses
+    }
+
+
+_ERROR_HEADERS = {405: "Allow", 429: "Retry-After"}
+
+
+ERROR_MEANINGS = {
+    400: "A field is invalid; `error.param` names it",
+    401: "The API key is missing or wrong (`Authorization: Bearer <key>`)",
+    404: "No such model is served here",
+    405: "The path does not take this method; `Allow` names the ones it does",
+    429: "The engine's queue is full; retry after `Retry-After` seconds",
+    500: "An unexpected server error (logged with its traceback)",
+    503: "The engine or an expert pool is unavailable; retrying is safe",
+}
+# Every /v1 route may answer these: the key check runs first, and any route may fail unexpectedly.
+_ALWAYS = (401, 405, 500)
+_GENERATION_ERRORS = _errors(400, 404, 429, 503, *_ALWAYS)
+# A generation answers JSON, or with `"stream": true` server-sent events.
+_STREAMED_200: dict[int | str, dict] = {
+    200: {
+        "description": "The completion; with `stream: true`, `text/event-stream` chunks ending in `data: [DONE]`",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    }
+}
+
+_v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)], responses=_errors(*_ALWAYS))
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -132,12 +185,12 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[_card(client.model_info(name)) for name in client.model_names()])
 
 
-@_v1.get("/models/{model:path}")
+@_v1.get("/models/{model:path}", responses=_errors(404))
 async def retrieve_model(model: str, request: Request) -> ModelCard:
     return _card(_model_info(_client(request), model))
 
 
-@_v1.post("/completions", response_model=None)
+@_v1.post("/completions", response_model=None, responses=_GENERATION_ERRORS | _STREAMED_200)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     client = _client(request)
     _model_info(client, body.model)
@@ -147,7 +200,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     return await _serve(request, client, call, prompt, params, _CompletionFormat(call))
 
 
-@_v1.post("/chat/completions", response_model=None)
+@_v1.post("/chat/completions", response_model=None, responses=_GENERATION_ERRORS | _STREAMED_200)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     client = _client(request)
     info = _model_info(client, body.model)
@@ -455,7 +508,8 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
-    return _error_response(OpenAIError(exc.status_code, str(exc.detail), type=kind))
+    # Starlette's 405 carries the route's methods as `Allow` (RFC 9110 asks for it)
+    return _error_response(OpenAIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers))
 
 
 async def _client_disconnected(request: Request, exc: Exception) -> Response:

@@ -44,6 +44,9 @@ def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generat
             probs = torch.softmax(sorted_logits, dim=-1)
             # drop a token when the tokens ranked above it already reach top_p
             beyond = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+            # the most likely token always stays: a top_p below fp32's smallest number rounds
+            # to 0, which would otherwise drop every token
+            beyond[0] = False
             sorted_logits[beyond] = float("-inf")
         pick = torch.multinomial(torch.softmax(sorted_logits, dim=-1), 1, generator=generator)
         return int(order[pick])
