@@ -19,9 +19,9 @@ class EngineConfig(BaseModel):
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     max_queued_requests: int = Field(4096, ge=1, description="waiting requests before new ones are refused")
     seed: int = Field(0, description="seed for requests that bring none")
-    # Ping-pong overlap of disaggregated experts (model/micro_batch.py). Off by default:
-    # bench/overlap.py measured 0.91x throughput on this 2-core machine, where the pools
-    # already fill the cores while the engine waits, so there is no idle time to hide.
+    # Ping-pong overlap of disaggregated experts (model/micro_batch.py). Off by default: on a
+    # machine where the pools already fill the cores while the engine waits there is no idle
+    # time to hide, and bench/overlap.py reads below 1 there (docs/benchmarks.md).
     micro_batches: Literal[1, 2] = Field(
         1,
         description="2: with remote experts, run a large step as two micro-batches that alternate, "

@@ -39,7 +39,7 @@ class LLM:
     ):
         # Offline, a step takes up to 4096 tokens by default, as vLLM's `LLM` does on CPU: a
         # batch of prompts is read in fewer steps (the serving default stays lower, for the
-        # running streams' latency). bf16 workload of bench/engine.py: 2.06 s against 2.20.
+        # running streams' latency).
         engine_args.setdefault(
             "max_num_batched_tokens", max(OFFLINE_BATCHED_TOKENS, engine_args.get("max_num_seqs", 0))
         )

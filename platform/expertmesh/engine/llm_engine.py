@@ -142,8 +142,8 @@ class LLMEngine:
         """Run one step of the largest size before any request, as vLLM's profile run does.
 
         The allocator grows to a full step's activations now, and keeps them (see
-        `retain_freed_memory`), so no user request pays the page faults: the first
-        4096-token prefill of bench/engine.py took 1.5 s cold against 0.96 s warm.
+        `retain_freed_memory`), so no user request pays the page faults of a first step that
+        size (a cold 4096-token prefill takes about half as long again; docs/benchmark-log.md).
         """
         vocab = self.model.config.vocab_size
         ids = torch.randint(

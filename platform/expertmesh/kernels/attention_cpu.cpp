@@ -4,12 +4,11 @@
 // sequence's K and V into a padded [n, L] copy and then runs SDPA over it, touching
 // the cache twice and the padding too; here each sequence's job reads its own cache
 // slots once, whole rows (every KV head) at a time, for all the query heads, asking for
-// the rows a few positions ahead. Scores are summed across lanes in a
-// halving tree and the softmax runs on the vector exp: for 32 sequences of 130-192
-// positions with the cache in memory (not L3), 244-264 us against 420 with lane-by-lane
-// sums and std::exp. Holding each head's query and output in registers and reading the
-// rows head by head was faster only while the cache fit in L3 (175 against 386 us), and
-// slower from memory (370 us): it reads each row in 256-byte pieces.
+// the rows a few positions ahead. Scores are summed across lanes in a halving tree and the
+// softmax runs on the vector exp, which beat lane-by-lane sums and std::exp with the cache in
+// memory. Holding each head's query and output in registers and reading the rows head by head
+// was faster only while the cache fit in L3, and slower from memory: it reads each row in
+// 256-byte pieces (measurements: docs/benchmark-log.md).
 
 #include <ATen/Parallel.h>
 
@@ -60,8 +59,7 @@ constexpr int64_t kValueBlock = 16;  // positions: one cache block's V rows (8 K
 
 // The key pass asks for the K and V rows this many positions ahead (V too: the value pass then
 // reads it from cache): the cache's blocks lie anywhere, and the hardware prefetchers stop at
-// each block's (and page's) end. A decode step at 32 sequences (8 layers, 130 - 192 positions):
-// fp32 4.0 - 4.3 ms of attention against 5.0 - 5.2 without; bf16 2.1 against 2.95.
+// each block's (and page's) end; asking ahead cut a decode step's attention by a fifth to a third.
 constexpr int64_t kRowsAhead = 8;
 
 template <typename KV>

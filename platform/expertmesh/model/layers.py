@@ -70,11 +70,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # Linears run on the native kernels, which read each weight once, packed at load into
-# column blocks, instead of repacking it per call as MKL and oneDNN do. fp32 (on this
-# machine's 2 cores: 150-220 GFLOP/s from 8 to 1024 rows, 1.2-3x MKL); bf16 on the CPU's
-# bf16 dot-product instruction where it has one (340-420 GFLOP/s from 8 to 1024 rows,
-# 1.1-4x oneDNN). A weight whose out-features are not a multiple of 16 runs, up to this
-# many rows, on the dot-product kernel (1.5-2x MKL at 1-8 rows); beyond it on MKL/oneDNN.
+# column blocks, instead of repacking it per call as MKL and oneDNN do: fp32, and bf16 on the
+# CPU's bf16 dot-product instruction where it has one (the load-time guard keeps torch's path
+# wherever it measures faster; docs/cpu-kernels.md has the numbers). A weight whose
+# out-features are not a multiple of 16 runs, up to this many rows, on the dot-product
+# kernel, which beats MKL at a few rows; beyond it on MKL/oneDNN.
 _SMALL_LINEAR_MAX_ROWS = 32
 
 
