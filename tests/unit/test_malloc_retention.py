@@ -15,6 +15,7 @@ from expertmesh.engine.malloc_retention import DISABLE_ENV
 
 PROBE = """
 import json, resource, torch
+import expertmesh.engine.llm_engine  # the setting is made by an engine, its modules loaded
 from expertmesh.engine.malloc_retention import retain_freed_memory
 took = retain_freed_memory()
 def faults_of_a_fresh_block():
