@@ -192,3 +192,36 @@ def test_batch_sample_uses_each_rows_own_generator():
     # Swapping rows (logits, params and generators together) swaps the picks.
     swapped = sample(logits[[2, 1, 0, 3]], [params[i] for i in (2, 1, 0, 3)], gens([43, 42, None, None]))
     assert swapped == [picked[2], picked[1], picked[0], picked[3]]
+
+
+def test_a_row_whose_sampling_fails_fails_alone_and_the_engine_goes_on(make_engine, monkeypatch):
+    """One request's sampling error ends that request with an error and frees its cache; the
+    others in the same steps finish as they would alone, and the engine serves afterwards."""
+    import expertmesh.engine.sampler as sampler
+
+    real = sampler.sample_row
+
+    def fails_for_seed_13(logits, p, generator):
+        if p.seed == 13:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(logits, p, generator)
+
+    engine = make_engine()
+    alone = {}
+    for seed in (11, 12):
+        ids = engine.add_request(PROMPT, random_params(seed))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    alone[seed] = out.outputs[0].token_ids
+    monkeypatch.setattr(sampler, "sample_row", fails_for_seed_13)
+    ids = {seed: engine.add_request(PROMPT, random_params(seed)) for seed in (11, 12, 13)}
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    failed = done[ids[13]]
+    assert failed.outputs[0].finish_reason == "error" and "sampling failed for this request" in failed.error
+    assert [done[ids[s]].outputs[0].token_ids for s in (11, 12)] == [alone[11], alone[12]]
+    assert engine.allocator.num_free == engine.allocator.num_blocks

@@ -269,7 +269,11 @@ class LLMEngine:
                 )
                 now = time.monotonic()
                 for seq, token in zip(result.sampled, tokens, strict=True):
-                    self._append(seq, token, now)
+                    if isinstance(token, Exception):
+                        log.error("sampling failed for request %s", seq.request_id, exc_info=token)
+                        self._fail(seq, f"sampling failed for this request: {token}")
+                    else:
+                        self._append(seq, token, now)
                     outputs.append(self._report(seq))
             self.last_step = StepStats(
                 len(plan.decodes),
@@ -283,10 +287,14 @@ class LLMEngine:
         """The step's forward pass could not finish: fail exactly its requests, free their cache."""
         outputs = []
         for seq in [*plan.decodes, *(s for s, _ in plan.prefills)]:
-            seq.error = str(exc)
-            self.scheduler.finish(seq, "error")
+            self._fail(seq, str(exc))
             outputs.append(self._report(seq))
         return outputs
+
+    def _fail(self, seq: Sequence, why: str) -> None:
+        """End one request with an error (its cache freed); the engine goes on."""
+        seq.error = why
+        self.scheduler.finish(seq, "error")
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         seq.output_token_ids.append(token)

@@ -11,12 +11,16 @@ from expertmesh.kernels.guard import use_native
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    """logits [B, V] (fp32) -> one token id per row."""
-    chosen = greedy_tokens(logits).tolist()
+) -> list[int | Exception]:
+    """logits [B, V] (fp32) -> one token id per row, or the error that row's sampling raised: one
+    request's failure is that request's alone, and every other row keeps its own RNG's order."""
+    chosen: list[int | Exception] = greedy_tokens(logits).tolist()
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if not p.greedy:
-            chosen[row] = sample_row(logits[row], p, gen)
+            try:
+                chosen[row] = sample_row(logits[row], p, gen)
+            except (RuntimeError, ValueError) as exc:  # what torch's sampling ops raise
+                chosen[row] = exc
     return chosen
 
 
