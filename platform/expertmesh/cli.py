@@ -127,7 +127,7 @@ def _info(args: argparse.Namespace) -> None:
 
     # the served engine's defaults: decode steps of up to max_num_seqs rows, prefill chunks of the token budget
     engine = LLMEngine.from_checkpoint(args.model, args.dtype, skip_tokenizer_init=True)
-    cache = engine.cache.describe(engine.model.config)
+    cache = engine.cache.describe()
     print(
         f"KV cache: {cache['layout']} per layer, {cache['bytes_per_token']} bytes a token, "
         f"{cache['blocks']} blocks of {cache['block_size']}"

@@ -72,9 +72,9 @@ def test_the_cache_stores_the_latent_and_rope_key_only(checkpoint):
         cache = KVCache(cfg, num_blocks=4, block_size=16, dtype=dtype)
         stored = sum(layer.latent.nbytes for layer in cache.layers)
         assert stored == want * 4 * 16
-        assert cache.describe(cfg)["bytes_per_token"] == want
+        assert cache.describe()["bytes_per_token"] == want
     llm = LLM(checkpoint, "float32", show_progress=False)
-    assert llm.engine.cache.describe(cfg)["layout"] == "MLA latent 32 + rope key 16"
+    assert llm.engine.cache.describe()["layout"] == "MLA latent 32 + rope key 16"
 
 
 def test_the_generated_layout_is_what_transformers_reads(checkpoint):

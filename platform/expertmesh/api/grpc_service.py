@@ -113,7 +113,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     cause = remote_cause(exc)
     if isinstance(cause, GrpcAbort):
         return cause.code, cause.details
-    error = client_error(exc)
+    error = client_error(cause)
     return STATUS_OF_KIND[error.kind], error.message
 
 

@@ -458,7 +458,7 @@ def _as_openai_error(exc: BaseException, prompt_param: str | None) -> OpenAIErro
     cause = remote_cause(exc)
     if isinstance(cause, OpenAIError):
         return cause
-    error = client_error(exc)
+    error = client_error(cause)
     if error.kind == "not_found":
         return OpenAIError(404, error.message, type="NotFoundError", param="model", code="model_not_found")
     if error.kind == "overloaded":

@@ -44,6 +44,11 @@ class KVCache:
         self.block_size, self.num_blocks = block_size, num_blocks
         slots = num_blocks * block_size
         self.bytes_per_token = bytes_per_token(cfg, dtype)
+        self.layout = (
+            f"MLA latent {cfg.mla.kv_lora_rank} + rope key {cfg.mla.qk_rope_head_dim}"
+            if cfg.mla is not None
+            else f"K and V, {cfg.num_kv_heads} heads x {cfg.head_dim}"
+        )
         self.layers: list[LayerKVCache] | list[LatentKVCache] = [
             LatentKVCache(slots, cfg.mla.cache_width, dtype)
             if cfg.mla is not None
@@ -51,15 +56,10 @@ class KVCache:
             for _ in range(cfg.num_layers)
         ]
 
-    def describe(self, cfg: ModelConfig) -> dict:
+    def describe(self) -> dict:
         """What the cache holds per token, for `info`: MLA keeps its latent and rope key, not K and V."""
-        layout = (
-            f"MLA latent {cfg.mla.kv_lora_rank} + rope key {cfg.mla.qk_rope_head_dim}"
-            if cfg.mla is not None
-            else f"K and V, {cfg.num_kv_heads} heads x {cfg.head_dim}"
-        )
         return {
-            "layout": layout,
+            "layout": self.layout,
             "bytes_per_token": self.bytes_per_token,
             "blocks": self.num_blocks,
             "block_size": self.block_size,

@@ -246,9 +246,8 @@ def _rope_spec(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return {}
 
 
-def _rope_theta(raw: dict[str, Any], source: str) -> float:
+def _rope_theta(raw: dict[str, Any]) -> float:
     params = raw.get("rope_parameters") or {}
-    _rope_spec(raw, source)  # an unsupported type fails here, with the file named
     return float(raw.get("rope_theta", params.get("rope_theta", 10000.0)))
 
 
@@ -309,7 +308,8 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         moe, moe_layers = _deepseek_moe(family, raw, source, need, layers)
     if len(moe_layers) < layers:
         need("intermediate_size")  # some layer is dense
-    mla = _mla(family, raw, source, need) if family in MLA_FAMILIES else None
+    rope_scaling = _yarn(raw, source)  # an unsupported rope type fails here, with the file named
+    mla = _mla(family, raw, source, need, rope_scaling) if family in MLA_FAMILIES else None
 
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -324,8 +324,8 @@ def _from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         head_dim=mla.qk_head_dim if mla is not None else raw.get("head_dim") or hidden // heads,
         intermediate_size=raw.get("intermediate_size") or 0,
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(raw, source),
-        rope_scaling=_yarn(raw, source),
+        rope_theta=_rope_theta(raw),
+        rope_scaling=rope_scaling,
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=family in ("qwen2", "qwen2_moe", "pangu_pro_moe") or _attention_bias(family, raw),
@@ -380,11 +380,10 @@ def _deepseek_moe(
     return moe, tuple(i for i in range(layers) if i >= first_sparse and i % every == 0)
 
 
-def _mla(family: Family, raw: dict[str, Any], source: str, need) -> MLAConfig:
+def _mla(family: Family, raw: dict[str, Any], source: str, need, yarn: YarnScaling | None) -> MLAConfig:
     _refuse_unless(raw, source, "attention_bias", (False,), False)
     nope, rope = need("qk_nope_head_dim"), need("qk_rope_head_dim")
     scale = (nope + rope) ** -0.5
-    yarn = _yarn(raw, source)
     if yarn is not None and yarn.mscale_all_dim:
         # DeepSeek's YaRN also sharpens the softmax by mscale(factor, mscale_all_dim) squared
         scale *= yarn_mscale(yarn.factor, yarn.mscale_all_dim) ** 2

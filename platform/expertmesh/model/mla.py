@@ -22,7 +22,7 @@ from expertmesh.kernels import native_kernels
 from expertmesh.kernels.guard import use_native
 from expertmesh.model.attention import ForwardBatch, LayerKVCache, PrefillSpan
 from expertmesh.model.config import MLAConfig
-from expertmesh.model.layers import Linear, RMSNorm, apply_rotary
+from expertmesh.model.layers import Linear, RMSNorm, _cached_on, apply_rotary
 
 
 class LatentKVCache:
@@ -153,13 +153,9 @@ class MultiHeadLatentAttention(nn.Module):
     def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [heads, nope, latent], W_UV transposed [heads, latent, v]) from kv_b_proj, made once
         (again if the weight is written to)."""
-        weight = self.kv_b_proj.weight
-        cached = getattr(self, "_absorbed", None)
-        if cached is None or cached[0] != weight._version:
-            w = weight.detach().view(self.num_heads, -1, self.mla.kv_lora_rank)
-            w_uk, w_uv = w.split([self.mla.qk_nope_head_dim, self.mla.v_head_dim], dim=1)
-            cached = self._absorbed = (
-                weight._version,
-                (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()),
-            )
-        return cached[1]
+        return _cached_on(self.kv_b_proj.weight, "_expertmesh_absorbed", self._split_kv_b)
+
+    def _split_kv_b(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight.view(self.num_heads, -1, self.mla.kv_lora_rank)
+        w_uk, w_uv = w.split([self.mla.qk_nope_head_dim, self.mla.v_head_dim], dim=1)
+        return w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()

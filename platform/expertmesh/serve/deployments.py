@@ -183,7 +183,7 @@ class Engine:
             "pid": os.getpid(),
             "micro_batched_steps": self.engine.runner.micro_batched_steps,
             "kernels": self.engine.kernel_report,  # what the load-time guard chose here
-            "kv_cache": self.engine.cache.describe(self.engine.model.config),
+            "kv_cache": self.engine.cache.describe(),
         }
 
 
