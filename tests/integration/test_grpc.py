@@ -96,11 +96,21 @@ def generation(channel):
     return gen_grpc.GenerationStub(channel)
 
 
+SEEDED = {"temperature": 0.7, "top_p": 0.9, "seed": 7}  # a sampled request, reproducible by its seed
+
+
 @pytest.fixture(scope="module")
-def offline(pangu_tiny):
-    """What the in-process engine makes of PROMPT, greedily."""
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    return LLM(pangu_tiny, show_progress=False).generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+def offline_outputs(pangu_tiny):
+    """What the in-process engine makes of PROMPT: greedily, and sampled with SEEDED's seed."""
+    llm = LLM(pangu_tiny, show_progress=False)
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **SEEDED)
+    return [out.outputs[0] for out in llm.generate([PROMPT, PROMPT], [greedy, seeded], use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def offline(offline_outputs):
+    return offline_outputs[0]
 
 
 def text_request(model=MODEL, prompt=PROMPT, raw=False, shape=(1,), **parameters) -> oip.ModelInferRequest:
@@ -214,7 +224,8 @@ def test_generate_streams_deltas_then_finish(generation, offline):
     assert 0 < stats.time_to_first_token_s <= stats.total_time_s
 
 
-def test_tritonclient_without_ray_metadata(grpc_port, offline):
+def test_tritonclient_without_ray_metadata(grpc_port, offline_outputs):
+    """The newest stock client, float parameters included (double_param on the wire)."""
     script = textwrap.dedent(
         """
         import json, sys
@@ -225,14 +236,12 @@ def test_tritonclient_without_ray_metadata(grpc_port, offline):
         client = triton.InferenceServerClient(url=sys.argv[1])
         text = triton.InferInput("text_input", [1], "BYTES")
         text.set_data_from_numpy(np.array([sys.argv[2].encode()], dtype=object))
-        # tritonclient has no float parameters: numbers may come as strings
-        params = {"max_tokens": int(sys.argv[3]), "temperature": "0", "ignore_eos": True}
-        result = client.infer("pangu", [text], parameters=params, client_timeout=60)
-        out = {
-            "live": client.is_server_live(),
-            "ready": client.is_model_ready("pangu"),
-            "text": result.as_numpy("text_output")[0].decode(),
-        }
+        base = {"max_tokens": int(sys.argv[3]), "ignore_eos": True}
+        texts = []
+        for params in ({**base, "temperature": 0.0}, {**base, **json.loads(sys.argv[4])}):
+            result = client.infer("pangu", [text], parameters=params, client_timeout=60)
+            texts.append(result.as_numpy("text_output")[0].decode())
+        out = {"live": client.is_server_live(), "ready": client.is_model_ready("pangu"), "texts": texts}
         try:
             client.infer("nope", [text], client_timeout=60)
         except InferenceServerException as exc:
@@ -240,16 +249,14 @@ def test_tritonclient_without_ray_metadata(grpc_port, offline):
         print(json.dumps(out))
         """
     )
+    args = [f"127.0.0.1:{grpc_port}", PROMPT, str(MAX_TOKENS), json.dumps(SEEDED)]
     done = subprocess.run(
-        [sys.executable, "-c", script, f"127.0.0.1:{grpc_port}", PROMPT, str(MAX_TOKENS)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["live"] and out["ready"]
-    assert out["text"] == offline.text
+    assert out["texts"] == [o.text for o in offline_outputs]
     status, message = out["unknown_model"]
     assert status == "StatusCode.NOT_FOUND" and "'nope' is not served" in message
 

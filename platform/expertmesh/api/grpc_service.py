@@ -220,7 +220,7 @@ def sampling_params_from_infer(parameters: Mapping[str, oip.InferParameter]) -> 
     """``SamplingParams`` from ModelInfer request parameters, named as SamplingParams' fields.
 
     Any of the InferParameter kinds may carry a value that converts (``temperature`` as
-    ``double_param`` or as the string ``"0.7"``, since tritonclient has no float parameters);
+    ``double_param`` or as the string ``"0.7"``, as tritonclients before 2.73 must send it);
     ``stop`` is one stop string or a JSON list of them, ``stop_token_ids`` a token id or a JSON list.
     Unknown names and bad values raise InvalidRequestError naming the parameter.
     """
