@@ -250,9 +250,7 @@ def test_tritonclient_without_ray_metadata(grpc_port, offline_outputs):
         """
     )
     args = [f"127.0.0.1:{grpc_port}", PROMPT, str(MAX_TOKENS), json.dumps(SEEDED)]
-    done = subprocess.run(
-        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["live"] and out["ready"]
