@@ -18,7 +18,7 @@ import yaml
 
 from expertmesh_operator.extra import missing_extra_message
 from expertmesh_operator.kube import KubeError, KubernetesClient
-from expertmesh_operator.reconcile_round import OperatorSettings, default_ray_cluster_config
+from expertmesh_operator.operator_settings import OperatorSettings, default_ray_cluster_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

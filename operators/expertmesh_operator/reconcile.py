@@ -31,15 +31,14 @@ from expertmesh.serve_layout import (
     revision_app_name,
     serve_deploy_config,
 )
+from expertmesh_operator.conditions import INVALID_SPEC, condition, invalid_spec_events
 from expertmesh_operator.crd import (
-    Condition,
     ModelResource,
     ModelResourceSpec,
     ModelResourceStatus,
     RevisionRecord,
     RevisionTraffic,
     RolloutState,
-    rfc3339,
 )
 from expertmesh_operator.events import Event
 from expertmesh_operator.resources import replica_resources
@@ -119,17 +118,6 @@ def _placed_pools(
     return pools
 
 
-def _condition(
-    previous: ModelResourceStatus | None, type_: str, status: str, reason: str, message: str, now: float
-) -> Condition:
-    old = previous.condition(type_) if previous else None
-    # the transition time moves only when the status does, as Kubernetes conventions ask
-    since = old.last_transition_time if old is not None and old.status == status else rfc3339(now)
-    return Condition(
-        type=type_, status=status, reason=reason, message=message[:4096], last_transition_time=since
-    )
-
-
 def _status(
     model: ModelResource,
     state: RolloutState | None,
@@ -142,7 +130,7 @@ def _status(
     prev = model.status
     serving = bool(traffic)
     if problems:
-        degraded = ("True", "InvalidSpec", "; ".join(problems))
+        degraded = ("True", INVALID_SPEC, "; ".join(problems))
     elif state is not None and state.phase in ("RolledBack", "Aborted"):
         reason = "CanaryAnalysisFailed" if state.phase == "RolledBack" else "RolloutAborted"
         degraded = ("True", reason, state.message)
@@ -154,8 +142,8 @@ def _status(
     else:
         ready = ("False", "NotDeployed", "nothing deployed: fix the spec problems in the Degraded condition")
     conditions = [
-        _condition(prev, "Ready", *ready, now),
-        _condition(
+        condition(prev, "Ready", *ready, now),
+        condition(
             prev,
             "Progressing",
             "True" if progressing else "False",
@@ -163,7 +151,7 @@ def _status(
             state.message if progressing and state else "",
             now,
         ),  # fmt: skip
-        _condition(prev, "Degraded", *degraded, now),
+        condition(prev, "Degraded", *degraded, now),
     ]
     stable = state.stable.name if state is not None and state.stable is not None else None
     return ModelResourceStatus(
@@ -211,9 +199,6 @@ def reconcile(
             state = previous
             records = _records(state)
             traffic = weights(state, records[-1].spec) if state is not None and records else {}
-            was = model.status.condition("Degraded") if model.status else None
-            if was is None or was.reason != "InvalidSpec" or was.message != "; ".join(problems):
-                model_events.append(Event(type="Warning", reason="InvalidSpec", message="; ".join(problems)))
         else:
             state, traffic, model_events = advance(
                 previous, model.spec, observed.analyses.get(model.name), model.annotations, now
@@ -233,16 +218,24 @@ def reconcile(
                 )
             except ValidationError as exc:
                 problems.append(f"cannot build the serve config: {exc.errors()[0]['msg']}")
-                model_events.append(Event(type="Warning", reason="InvalidSpec", message=problems[-1]))
                 traffic, pools = {}, {}
             else:
                 served_by[model.served_name] = model.name
                 for name, (app, n) in placed.items():
                     if name in chosen:
                         overrides.setdefault(app, {})[name] = n
+        if problems:  # after every check has had its say: the Degraded message holds them all
+            model_events = [*model_events, *invalid_spec_events(model.status, "; ".join(problems))]
         statuses[model.name] = _status(model, state, traffic, pools, problems, observed, now)
         events.extend(e.model_copy(update={"model": model.name}) for e in model_events)
 
+    return ReconcileResult(
+        serve_config_v2=_serve_config(model_specs, overrides), statuses=statuses, events=events
+    )
+
+
+def _serve_config(model_specs: list[ModelSpec], overrides: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
+    """serveConfigV2; `overrides`: Serve application -> deployment -> replicas the autoscaler chose."""
     # No servable Model still deploys the Router (answering model-not-found), exactly what
     # the chart installs, so the first Model adds applications and never changes grpc_options.
     config = serve_deploy_config(ServeConfig(models=model_specs))
@@ -253,7 +246,7 @@ def reconcile(
         for name, n in sorted(chosen_here.items()):
             listed.setdefault(name, {"name": name})["num_replicas"] = n
         app["deployments"] = list(listed.values())
-    return ReconcileResult(serve_config_v2=config, statuses=statuses, events=events)
+    return config
 
 
 def rayservice_manifest(

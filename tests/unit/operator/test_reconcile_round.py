@@ -13,6 +13,7 @@ from ray.serve.schema import ServeDeploySchema
 from expertmesh.config import ServeConfig
 from expertmesh.serve_layout import all_deployments, platform_config
 from expertmesh_operator.crd import FINALIZER, ROLLOUT_ANNOTATION, ModelResourceStatus
+from expertmesh_operator.kube import KubeError
 from expertmesh_operator.pool_autoscale import PoolMetrics
 from expertmesh_operator.reconcile_round import OperatorSettings, reconcile_once
 from expertmesh_operator.rollout import AnalysisResult
@@ -406,3 +407,87 @@ def test_moge_expert_pools_scale_together(pangu_tiny):
     assert {replicas[p] for p in pools} == {2} and replicas["engine-pangu-v1"] == 1
     scaled = [e for e in fake.events if e.reason == "ScaledUp"]
     assert len(scaled) == 1 and "MoGE groups, together" in scaled[0].message
+
+
+class FlakyKube(FakeKubernetesApi):
+    """The fake API, with the writes named in `failing` answering a KubeError (Model name, call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failing: set[tuple[str, str]] = set()
+
+    def _fail(self, name, call):
+        if (name, call) in self.failing:
+            raise KubeError(f"{call} of {name} failed", 500)
+
+    def set_model_finalizers(self, namespace, name, finalizers, resource_version):
+        self._fail(name, "finalizers")
+        super().set_model_finalizers(namespace, name, finalizers, resource_version)
+
+    def patch_model_status(self, namespace, name, status):
+        self._fail(name, "status")
+        super().patch_model_status(namespace, name, status)
+
+    def post_event(self, event):
+        self._fail(event.name, event.reason)
+        super().post_event(event)
+
+
+def test_a_model_whose_finalizer_cannot_be_added_waits_for_the_next_round():
+    fake = FlakyKube()
+    fake.apply_model("llama", spec("llama"))
+    fake.apply_model("pangu", spec())
+    fake.failing = {("llama", "finalizers")}
+    report = loop(fake)
+    assert report.errors == ["finalizers of llama failed"]
+    assert [m.name for m in app_config(fake).models] == ["pangu"]  # not deployed without it
+    assert "status" not in fake.model("llama") and reasons(fake, "llama") == []
+
+    fake.failing = set()
+    loop(fake, now=T0 + 1)
+    assert [m.name for m in app_config(fake).models] == ["llama", "pangu"]
+    assert fake.model("llama")["metadata"]["finalizers"] == [FINALIZER]
+
+
+def test_a_failed_status_write_holds_that_models_events_and_annotation():
+    fake = FlakyKube()
+    fake.apply_model("llama", spec("llama"), annotations={ROLLOUT_ANNOTATION: "yolo"})
+    fake.apply_model("pangu", spec())
+    fake.failing = {("llama", "status")}
+    report = loop(fake)
+    assert report.errors == ["status of llama failed"]
+    assert reasons(fake, "llama") == [] and "status" not in fake.model("llama")
+    assert fake.model("llama")["metadata"]["annotations"] == {ROLLOUT_ANNOTATION: "yolo"}
+    assert status(fake, "pangu").ready == "True" and "RevisionCreated" in reasons(fake, "pangu")
+
+    fake.failing = set()
+    loop(fake, now=T0 + 1)  # decided again, said then
+    assert "RevisionCreated" in reasons(fake, "llama") and "RolloutCommandIgnored" in reasons(fake, "llama")
+    assert ROLLOUT_ANNOTATION not in fake.model("llama")["metadata"]["annotations"]
+
+
+def test_a_failed_event_is_recorded_and_the_round_goes_on():
+    fake = FlakyKube()
+    fake.apply_model("llama", spec("llama"))
+    fake.apply_model("pangu", spec())
+    fake.failing = {("llama", "RevisionCreated")}
+    report = loop(fake)
+    assert report.errors == ["RevisionCreated of llama failed"]
+    assert status(fake, "llama").ready == "True" and reasons(fake, "llama") == ["AutoscalingNoPrometheus"]
+    assert sorted(reasons(fake, "pangu")) == ["AutoscalingNoPrometheus", "RevisionCreated"]
+    assert all(e.reason != "RevisionCreated" or e.name != "llama" for e in report.events)
+
+
+def test_a_failed_release_keeps_the_model_and_says_nothing():
+    fake = FlakyKube()
+    fake.apply_model("llama", spec("llama"))
+    loop(fake)
+    fake.delete_model("llama")
+    fake.failing = {("llama", "finalizers")}
+    report = loop(fake, now=T0 + 1)
+    assert report.errors == ["finalizers of llama failed"]
+    assert app_config(fake).models == [] and fake.model("llama") is not None
+    assert "Removed" not in reasons(fake, "llama")
+    fake.failing = set()
+    loop(fake, now=T0 + 2)
+    assert fake.model("llama") is None and reasons(fake, "llama")[-1] == "Removed"
