@@ -209,24 +209,47 @@ def test_openai_client_through_the_serve_http_proxy(app, pangu_tiny):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
 
 
-def test_a_full_queue_is_refused_at_once_with_429_through_serve(app):
+def wait_for(condition, what: str, timeout: float = 60.0, every: float = 0.2):
+    """Poll until `condition()` is truthy (its value is returned); fail naming `what` past the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(every)
+    pytest.fail(f"{what}: not within {timeout:.0f} s")
+
+
+def test_a_full_queue_is_refused_at_once_and_a_client_that_leaves_frees_its_seat(app):
     openai = pytest.importorskip("openai")
     _, handle, url = app
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     long = dict(max_tokens=1500, temperature=0, extra_body={"ignore_eos": True})
+
+    def occupancy():
+        return handle.engine_info.remote("one-seat", "v1").result()["requests"]
+
+    free_at_rest = occupancy()["free_blocks"]
     # fill the seat and the one queue place with streams that stay open
     running = client.completions.create(model="one-seat", prompt="def a():", stream=True, **long)
     next(iter(running))
     queued = handle.options(stream=True, method_name="generate").remote(
         "one-seat", "def b():", {"max_tokens": 4}
     )
-    time.sleep(1)  # the queued request has reached the engine
+    wait_for(lambda: occupancy()["waiting"] == 1, "the second request waiting in the engine")
     start = time.monotonic()
     with pytest.raises(openai.RateLimitError, match="max_queued_requests=1"):
         client.completions.create(model="one-seat", prompt="def c():", max_tokens=4)
     assert time.monotonic() - start < 10  # refused at once, not after the others
-    running.close()  # the client goes away: its request is aborted and the queued one runs
-    assert list(queued)[-1].finished
+    aborted = occupancy()["aborted"]
+    running.close()  # the client goes away: Serve cancels, the engine aborts and frees its blocks
+    wait_for(lambda: occupancy()["aborted"] == aborted + 1, "the abort of the stream whose client left")
+    assert list(queued)[-1].finished  # the waiting request took the seat and ran
+    wait_for(
+        lambda: (
+            occupancy() == {"running": 0, "waiting": 0, "aborted": aborted + 1, "free_blocks": free_at_rest}
+        ),
+        "every cache block back",
+    )
 
 
 def test_engine_and_expert_replicas_report_what_their_kernel_guard_chose(app):
@@ -260,18 +283,15 @@ def test_killing_an_expert_replica_under_load_loses_no_request_and_the_pool_reco
         handle.options(stream=True, method_name="generate").remote("disaggregated", p, params)
         for p in PROMPTS
     ]
-    results: dict[int, object] = {}
+    results: dict[int, list[int]] = {}
     first_tokens = threading.Event()
 
     def drain(i, stream):
-        try:
-            outs = []
-            for out in stream:
-                outs.append(out)
-                first_tokens.set()
-            results[i] = outs[-1].outputs[0].token_ids
-        except Exception as exc:  # allowed outcome: a clear UNAVAILABLE-style failure
-            results[i] = exc
+        outs = []
+        for out in stream:
+            outs.append(out)
+            first_tokens.set()
+        results[i] = outs[-1].outputs[0].token_ids
 
     threads = [threading.Thread(target=drain, args=(i, s), daemon=True) for i, s in enumerate(streams)]
     for t in threads:
@@ -282,28 +302,23 @@ def test_killing_an_expert_replica_under_load_loses_no_request_and_the_pool_reco
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a request hung after the replica died"
-    for i, result in results.items():
-        if isinstance(result, Exception):
-            assert "expert group 1" in str(result) or "unavailable" in str(result).lower()
-        else:
-            assert result == want[i].outputs[0].token_ids
-    assert sum(not isinstance(r, Exception) for r in results.values()) >= 1  # failover served requests
-    assert len(results) == len(PROMPTS)
+    # every request finished, with the tokens it would have had without the kill (a thread that
+    # raised left no result)
+    assert results == {i: w.outputs[0].token_ids for i, w in enumerate(want)}
 
-    # Serve starts a new replica; the pool is two replicas again and the engine uses it
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    # Serve starts a new replica, and the engine learns its endpoint and sends it rows
+    def replacement_serving():
         try:
             now = pool.broadcast("info").results()
         except ray.exceptions.RayError:  # the dead replica is still listed for a moment
-            now = []
-        if len(now) == 2 and victim not in {r["pid"] for r in now}:
-            break
-        time.sleep(1)
-    else:
-        pytest.fail("the expert pool did not recover two replicas")
-    time.sleep(6)  # past the engine's endpoint refresh
-    assert generate(handle, "disaggregated", PROMPTS[0]) == want[0].outputs[0].token_ids[:10]
+            return False
+        fresh = [r for r in now if r["pid"] != victim]
+        if len(fresh) < 2:
+            return False
+        assert generate(handle, "disaggregated", PROMPTS[0]) == want[0].outputs[0].token_ids[:10]
+        return all(r["requests_served"] > 0 for r in fresh)
+
+    wait_for(replacement_serving, "the new expert replica serving rows", timeout=180, every=1)
 
 
 def test_changing_one_model_restarts_only_that_models_deployments(app):

@@ -92,6 +92,7 @@ class LLMEngine:
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.eos_token_ids = eos_token_ids
         self._requests: dict[str, Sequence] = {}  # every unfinished request, by id
+        self.aborted_requests = 0  # stopped by abort_request (their clients left), since start
         self._ids = itertools.count()
         self._seed_source = torch.Generator().manual_seed(self.config.seed)
         # step() holds `lock` for the whole step; abort_request waits for it, so the blocks are
@@ -238,6 +239,7 @@ class LLMEngine:
             if seq is None:
                 return False
             self.scheduler.finish(seq, "abort")
+            self.aborted_requests += 1
             return True
 
     def has_unfinished_requests(self) -> bool:
@@ -246,6 +248,16 @@ class LLMEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    def occupancy(self) -> dict:
+        """Requests and cache blocks in use now, for a replica's `info` (read without the step lock:
+        a snapshot that may be one step old)."""
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "aborted": self.aborted_requests,
+            "free_blocks": self.allocator.num_free,
+        }
 
     # ---- the step -------------------------------------------------------------------
 

@@ -184,6 +184,7 @@ class Engine:
             "micro_batched_steps": self.engine.runner.micro_batched_steps,
             "kernels": self.engine.kernel_report,  # what the load-time guard chose here
             "kv_cache": self.engine.cache.describe(),
+            "requests": self.engine.occupancy(),
         }
 
 
