@@ -295,8 +295,36 @@ def warm_up(
     while any(m.error for m in client.pool_metrics(model, revision, pools, time.time()).values()):
         assert time.monotonic() < deadline, "the pools' series did not reach Prometheus within 20 s"
         time.sleep(SCRAPE_S / 2)
-    if rates:
-        time.sleep(RATE_WINDOW_S + 2 * SCRAPE_S)
+    if rates:  # samples of every pool reaching back past a full window, as the fixed wait had
+        up = f'expertmesh_replica_up{{model="{model}",revision="{revision}"}}'
+        span = RATE_WINDOW_S + 2 * SCRAPE_S
+        wait_until(
+            lambda: held_samples(client, up, 2 * span, "pool", pools) >= span / SCRAPE_S,
+            f"{span} s of samples of {model}@{revision}",
+        )
+
+
+def held_samples(
+    client: PrometheusClient, selector: str, seconds: float, by: str, among: Sequence[str]
+) -> float:
+    """The fewest samples Prometheus holds of `selector` over the last `seconds`, among the
+    series whose label `by` is in `among` (0 for one it holds none of)."""
+    promql = f"count_over_time({selector}[{int(seconds * 1000)}ms])"
+    held = {s.metric.get(by): s.number for s in client.vector(promql)}
+    return min(held.get(name, 0) for name in among)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    """Poll `condition` every half scrape (the machine may be busy: a fixed sleep races it)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(SCRAPE_S / 2)
+
+
+def deciding(scaler: Autoscaler, pool: str, why: str) -> Callable[[], bool]:
+    """True once the data makes the decision for `pool` give `why` (nothing applied)."""
+    return lambda: why in scaler.decide(time.time())[1][pool].reason
 
 
 def would_scale_down(scaler: Autoscaler, pool: str) -> ScaleDecision:
@@ -455,7 +483,7 @@ def test_stale_samples_hold(nodes, client):
 
     # the target keeps answering with the same samples, carrying their old timestamps
     nodes.cached.frozen_at = time.time()
-    time.sleep(TARGETS.metrics_max_age_seconds + SCRAPE_S)
+    wait_until(deciding(scaler, "engine", "metrics are stale"), "the frozen samples turning stale")
     assert_holds(scaler, 2, "engine", "metrics are stale")
     assert scaler.steps[-1].metrics["engine"].sampled_at == pytest.approx(nodes.cached.frozen_at, abs=0.002)
 
@@ -465,8 +493,9 @@ def test_target_down_holds(nodes, client):
 
     # scrapes fail: Prometheus marks the target's series stale and queries stop returning them
     nodes.flaky.failing = True
-    time.sleep(2 * SCRAPE_S + 0.2)
-    assert_holds(scaler, 2, "engine", "no expertmesh_replica_up sample for pool engine of down@v1")
+    why = "no expertmesh_replica_up sample for pool engine of down@v1"
+    wait_until(deciding(scaler, "engine", why), "the failing target's series marked stale")
+    assert_holds(scaler, 2, "engine", why)
 
 
 # ---- canary analysis -----------------------------------------------------------------------------
@@ -490,14 +519,11 @@ def requests_at(
 def wait_for_scrapes(client: PrometheusClient, revision: str, models: Sequence[str], scrapes: int) -> None:
     """Until Prometheus holds `scrapes` samples of every model's `revision` requests in the last
     30 s (a fixed sleep raced the first scrape on a loaded machine)."""
-    promql = f'count_over_time(expertmesh_requests_total{{revision="{revision}",outcome="stop"}}[30s])'
-    deadline = time.monotonic() + 20
-    while True:
-        held = {s.metric.get("model"): s.number for s in client.vector(promql)}
-        if all(held.get(m, 0) >= scrapes for m in models):
-            return
-        assert time.monotonic() < deadline, f"{revision} series not scraped {scrapes}x in 20 s: {held}"
-        time.sleep(SCRAPE_S / 2)
+    selector = f'expertmesh_requests_total{{revision="{revision}",outcome="stop"}}'
+    wait_until(
+        lambda: held_samples(client, selector, 30, "model", models) >= scrapes,
+        f"{revision} series scraped {scrapes}x",
+    )
 
 
 def test_canary_analysis_against_thresholds(node, client):
@@ -519,8 +545,7 @@ def test_canary_analysis_against_thresholds(node, client):
     # a canary born with its failures: 5 of its first 10 requests failed before the first scrape
     requests_at(node, "burst", "v1", 40, 0.005)
     requests_at(node, "burst", "v2", 0, 0, start=(5, 5))
-    time.sleep(3)
-    wait_for_scrapes(client, "v2", [*cases, "burst"], 2)
+    wait_for_scrapes(client, "v2", [*cases, "burst"], 6)  # about 3 s of the canary's window
     now = time.time()
 
     results = {m: client.canary_analysis(m, "v1", "v2", window_start, now) for m in [*cases, "burst"]}
