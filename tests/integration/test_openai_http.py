@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import openai
 import pytest
 import uvicorn
+import zmq
 
 from expertmesh.api.chat_template import ChatTemplate
 from expertmesh.api.engine_client import LocalEngineClient
@@ -30,6 +31,11 @@ from expertmesh.api.openai_app import build_openai_app
 from expertmesh.engine.async_engine import AsyncLLMEngine
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.model.experts import ExpertPartition
+from expertmesh.model.loader import load_config, load_expert_group, load_model
+from expertmesh.model.tokenizer_files import load_tokenizer, stop_token_ids
+from expertmesh.serve.expert_transport import ExpertGroupServer
+from expertmesh.serve.remote_experts import RemoteExpertBackend
 
 MODEL, ONE_SEAT = "pangu-tiny", "pangu-tiny-1seat"
 PROMPT = "def fibonacci(n):"
@@ -276,15 +282,64 @@ def test_seeded_sampling_is_reproducible(oai):
         ("stop", {"stop": [""]}),
         ("top_k", {"extra_body": {"top_k": -7}}),
         ("logprobs", {"logprobs": 3}),
+        ("presence_penalty", {"presence_penalty": 0.5}),
+        ("seed", {"seed": 2**63}),
+        ("stop", {"stop": ["x"] * 17}),
+        ("stream_options", {"stream_options": {"include_usage": True}}),  # without stream=true
+        ("max_tokens", {"extra_body": {"max_tokens": "5"}}),  # the document says integer
+        ("ignore_eos", {"extra_body": {"ignore_eos": 1}}),  # ... and boolean
+        ("prompt", {"prompt": ""}),
+        ("prompt", {"prompt": [-1]}),
     ],
 )
 def test_bad_sampling_values_are_400_naming_the_field(oai, field, kwargs):
+    kwargs = {"prompt": PROMPT} | kwargs
     with pytest.raises(openai.BadRequestError) as caught:
-        oai.completions.create(model=MODEL, prompt=PROMPT, **kwargs)
+        oai.completions.create(model=MODEL, **kwargs)
     assert caught.value.status_code == 400
     assert f"{field}" in caught.value.message
     assert caught.value.body["param"] == field
     assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_unsupported_values_say_what_is_allowed(oai):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(model=MODEL, prompt=PROMPT, n=2)
+    assert caught.value.body["code"] == "unsupported_value"
+    assert caught.value.body["message"] == (
+        "invalid 'n': 2 is not supported by this server: leave it out or send null or 1"
+    )
+
+
+def test_neutral_values_of_unsupported_fields_and_near_zero_temperatures_are_served(oai, pangu_llm):
+    """Defaults that clients send for what this server does not implement are taken; 16.0 is an
+    integer, as in JSON Schema; and a temperature below 1e-5 is greedy (vLLM), down to one so small
+    that sampling at it would overflow float32."""
+    result = oai.completions.create(
+        model=MODEL,
+        prompt=[PROMPT],
+        n=1,
+        best_of=1,
+        logprobs=0,
+        echo=False,
+        suffix="",
+        logit_bias={},
+        presence_penalty=0.0,
+        frequency_penalty=0,
+        extra_body={"max_tokens": 6.0, "temperature": 1e-40, "response_format": {"type": "text"}},
+    )
+    assert result.choices[0].text == offline_greedy(pangu_llm, PROMPT, 6)
+    chat = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "developer", "content": [{"type": "text", "text": "hi"}]}],
+        max_completion_tokens=2,
+        logprobs=False,
+        top_logprobs=0,
+        tools=[],
+        tool_choice="none",
+        modalities=["text"],
+    )
+    assert chat.choices[0].message.role == "assistant"
 
 
 def test_bad_chat_values_are_400_naming_the_field(oai):
@@ -355,7 +410,8 @@ def test_the_openapi_document_declares_the_answers_the_server_gives(port):
         for status in ("400", "404", "429", "503"):
             schema = answers[status]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
-        assert "Retry-After" in answers["429"]["headers"] and "Allow" in answers["405"]["headers"]
+        assert {"Retry-After"} == set(answers["429"]["headers"]) == set(answers["503"]["headers"])
+        assert "Allow" in answers["405"]["headers"]
         assert "text/event-stream" in answers["200"]["content"]
     assert "404" in doc["paths"]["/v1/models/{model}"]["get"]["responses"]
 
@@ -383,6 +439,7 @@ def test_full_queue_is_429_at_once_and_the_queue_drains(oai, port, engines):
         oai.completions.create(model=ONE_SEAT, prompt=PROMPT, max_tokens=3)
     assert caught.value.status_code == 429 and time.monotonic() - started < 5
     assert caught.value.body["code"] == "rate_limit_exceeded"
+    assert caught.value.response.headers["Retry-After"] == "1"
     hang_up(runner)  # frees the seat: the waiting request runs and answers
     reply = read_until(waiter, b'"usage"')
     waiter.close()
@@ -477,3 +534,47 @@ def test_api_key_is_demanded_when_set(engines):
         assert "s3cret" not in caught.value.message
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
             assert response.status == 200
+
+
+def test_an_expert_pool_with_no_live_replica_is_503_with_retry_after(pangu_tiny):
+    """Every replica of expert group 0 gone (an endpoint that never answers), the other groups
+    served: the request fails in bounded time with 503, Retry-After and the group named, and the
+    engine stays up for what it can still serve (here: nothing of this model, so 503 again)."""
+    cfg = load_config(pangu_tiny)
+    groups = cfg.moe.num_routing_groups
+    live = {g: ExpertGroupServer(load_expert_group(pangu_tiny, g, groups)) for g in range(1, groups)}
+    dead = zmq.Context.instance().socket(zmq.ROUTER)  # accepts, never answers
+    dead.setsockopt(zmq.LINGER, 0)
+    dead_endpoint = f"tcp://127.0.0.1:{dead.bind_to_random_port('tcp://127.0.0.1')}"
+    backend = RemoteExpertBackend(
+        ExpertPartition(cfg.moe.num_experts, groups),
+        {0: [dead_endpoint], **{g: [server.endpoint] for g, server in live.items()}},
+        timeout_s=0.5,
+    )
+    model = load_model(pangu_tiny, load_experts=False)
+    model.set_expert_backend(backend)
+    engine = LLMEngine(model, load_tokenizer(pangu_tiny), stop_token_ids(pangu_tiny, cfg.eos_token_ids))
+    client = LocalEngineClient()
+    client.add("pool-down", AsyncLLMEngine(engine), pangu_tiny)
+    try:
+        with serving(build_openai_app(client)) as port:
+            oai = openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60
+            )
+            for stream in (False, True):
+                with pytest.raises(openai.APIStatusError) as caught:
+                    reply = oai.completions.create(
+                        model="pool-down", prompt=PROMPT, max_tokens=4, stream=stream
+                    )
+                    list(reply) if stream else None
+                error = caught.value
+                assert error.status_code == 503 and error.response.headers["Retry-After"] == "5"
+                assert error.body["type"] == "service_unavailable_error"
+                assert "expert group 0" in error.body["message"]
+            assert idle(engine)  # the failed requests' cache is free
+    finally:
+        client.shutdown()
+        backend.close()
+        dead.close(linger=0)
+        for server in live.values():
+            server.close()

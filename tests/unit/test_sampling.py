@@ -166,6 +166,13 @@ def test_temperature_sharpens_and_flattens():
     assert all(abs(hot[t] / 4000 - 0.25) < 0.04 for t in range(4))
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_temperature_near_zero_samples_the_best_token(top_p):
+    # dividing the raw logits by 1e-40 overflows every one of them to inf: NaN probabilities
+    logits = [30.0, 41.5, -7.0, 41.0]
+    assert draws(logits, n=50, temperature=1e-40, top_p=top_p) == {1: 50}
+
+
 def test_sample_row_leaves_the_logits_untouched():
     logits = torch.tensor([0.0, 4.0, -1.0, 5.0])
     before = logits.clone()

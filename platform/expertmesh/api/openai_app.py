@@ -46,6 +46,7 @@ from expertmesh.api.auth import bearer_accepted
 from expertmesh.api.chat_template import InvalidMessagesError
 from expertmesh.api.engine_client import EngineClient, ModelInfo
 from expertmesh.api.openai_schemas import (
+    REQUEST_ERROR_CODES,
     SSE_DONE,
     AssistantMessage,
     ChatChoice,
@@ -126,7 +127,12 @@ def _check_api_key(request: Request) -> None:
 def _client(request: Request) -> EngineClient:
     client = request.app.state.engine_client
     if client is None:
-        raise OpenAIError(503, "no engine is attached to this server yet", type="service_unavailable_error")
+        raise OpenAIError(
+            503,
+            "no engine is attached to this server yet",
+            type="service_unavailable_error",
+            headers={"Retry-After": str(RETRY_AFTER_S[503])},
+        )
     return client
 
 
@@ -150,7 +156,10 @@ def _errors(*statuses: int) -> dict[int | str, dict]:
     }
 
 
-_ERROR_HEADERS = {405: "Allow", 429: "Retry-After"}
+_ERROR_HEADERS = {405: "Allow", 429: "Retry-After", 503: "Retry-After"}
+# Seconds a client should wait: a queue drains in about a step; a replaced replica (an expert
+# pool's or the engine's) takes Serve a few seconds to start.
+RETRY_AFTER_S = {429: 1, 503: 5}
 
 
 ERROR_MEANINGS = {
@@ -160,7 +169,7 @@ ERROR_MEANINGS = {
     405: "The path does not take this method; `Allow` names the ones it does",
     429: "The engine's queue is full; retry after `Retry-After` seconds",
     500: "An unexpected server error (logged with its traceback)",
-    503: "The engine or an expert pool is unavailable; retrying is safe",
+    503: "The engine or an expert pool is unavailable; retrying after `Retry-After` seconds is safe",
 }
 # Every /v1 route may answer these: the key check runs first, and any route may fail unexpectedly.
 _ALWAYS = (401, 405, 500)
@@ -467,12 +476,17 @@ def _as_openai_error(exc: BaseException, prompt_param: str | None) -> OpenAIErro
             error.message,
             type="rate_limit_error",
             code="rate_limit_exceeded",
-            headers={"Retry-After": "1"},
+            headers={"Retry-After": str(RETRY_AFTER_S[429])},
         )
     if error.kind == "invalid":
         return bad_request(error.message, prompt_param)
     if error.kind == "unavailable":
-        return OpenAIError(503, error.message, type="service_unavailable_error")
+        return OpenAIError(
+            503,
+            error.message,
+            type="service_unavailable_error",
+            headers={"Retry-After": str(RETRY_AFTER_S[503])},
+        )
     return OpenAIError(500, error.message, type="internal_error")
 
 
@@ -502,7 +516,9 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
             problems[field].append(msg)
     message = "; ".join(f"invalid {field!r}: {', or '.join(msgs)}" for field, msgs in problems.items())
     param = next(iter(problems), None)
-    return _error_response(bad_request(message, None if param == "body" else param))
+    # The request models' own refusals carry OpenAI's codes (`unsupported_value`, `invalid_value`)
+    code = errors[0]["type"] if errors[0]["type"] in REQUEST_ERROR_CODES else None
+    return _error_response(bad_request(message, None if param == "body" else param, code))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -4,7 +4,9 @@ Choices where OpenAI is silent or where we follow vLLM's OpenAI server:
 
 - ``temperature`` defaults to 1.0 and ``top_p`` to 1.0, as in OpenAI and vLLM (which would take a
   default from the checkpoint's generation_config.json; ours carry none). Ranges are the engine's:
-  ``temperature`` in [0, 100] with 0 meaning greedy, ``top_p`` in (0, 1].
+  ``temperature`` in [0, 100] with 0 meaning greedy, ``top_p`` in (0, 1]. As in vLLM, a temperature
+  below ``GREEDY_BELOW_TEMPERATURE`` (1e-5) is greedy too: sampling at it all but always picks the
+  argmax anyway, and below about 1e-37 the scaled logits overflow float32 and sampling would fail.
 - ``max_tokens`` defaults to 16 for ``/v1/completions`` (OpenAI, vLLM). For chat it defaults to "until
   EOS or the context is full" (vLLM); ``max_completion_tokens`` wins over the older ``max_tokens``.
   A ``max_tokens`` that overruns the context is not an error: generation stops at the context end
@@ -14,7 +16,15 @@ Choices where OpenAI is silent or where we follow vLLM's OpenAI server:
   (a list of several strings or token lists) are refused with a 400; a one-element batch is unwrapped.
 - Fields we do not implement but OpenAI defines (``logprobs``, penalties, ``logit_bias``, ``echo``,
   ``suffix``, ``tools``, ``response_format``, ...) are refused with a 400 naming them unless they
-  carry their neutral value; fields nobody defines are ignored, as vLLM does. ``user`` is ignored.
+  carry their neutral value (``NEUTRAL_VALUES``); fields nobody defines are ignored, as vLLM does.
+  ``user`` is ignored.
+- Types are strict, as the OpenAPI document states them: ``"16"`` is no integer, ``1`` no boolean
+  (``16.0`` is an integer, as in JSON Schema). vLLM's pydantic models would coerce both.
+
+Every limit above is a constraint of the request models, so the OpenAPI document states it and a
+request that breaks it is a 400 naming the field before anything runs. The served model's own limits
+(its name, vocabulary and context length) are checked by the engine: 404, or a 400 naming ``prompt``
+or ``messages``.
 - ``stream_options`` is only allowed with ``stream=true`` (vLLM). With ``include_usage`` the stream
   ends with one more chunk whose ``choices`` is empty and which carries ``usage``.
 - ``finish_reason`` is the engine's: ``stop`` (EOS, a stop token or a stop string), ``length``, or
@@ -23,12 +33,31 @@ Choices where OpenAI is silent or where we follow vLLM's OpenAI server:
 
 from __future__ import annotations
 
+import functools
+import json
+import operator
 import uuid
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from expertmesh.engine.sampling_params import SamplingParams
+from expertmesh.api.chat_template import ROLES
+from expertmesh.engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams
 from expertmesh.errors import InvalidRequestError
 
 # --- errors ------------------------------------------------------------------------------------
@@ -73,49 +102,193 @@ def bad_request(message: str, param: str | None, code: str | None = None) -> Ope
 
 
 # --- requests ----------------------------------------------------------------------------------
+#
+# Every limit the server puts on a request that does not depend on the served model is a constraint
+# of these models: pydantic checks it before anything runs, and the OpenAPI document states it. What
+# depends on the model (its name, vocabulary and context length) only the engine can check; that
+# answers 404 for the model, or a 400 naming `prompt` or `messages`.
+#
+# The models are strict: the document says `integer`, `number`, `string` and `boolean`, so "16" is
+# no integer and 1 is no boolean here either. As in JSON Schema, an integer is a number and a
+# number with no fractional part (16.0) is an integer.
 
-# Fields OpenAI defines that we do not implement, with the values that ask for nothing.
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}),
-    "best_of": (None, 1),
-    "echo": (None, False),
-    "suffix": (None, ""),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "functions": (None, []),
-    "function_call": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
-    "modalities": (None, ["text"]),
-    "audio": (None,),
-    "prediction": (None,),
+_REQUEST_CONFIG = ConfigDict(strict=True, extra="allow")  # unknown fields are ignored, as vLLM does
+
+
+def _integral_float_as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _integer(**bounds: int) -> Any:
+    """An integer as JSON Schema has it, within ``bounds`` (``ge=1``, ...); the bounds come before
+    the validator, or pydantic would write them to the document as unknown keywords."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral_float_as_int)]
+
+
+GREEDY_BELOW_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS
+
+TokenCount = _integer(ge=1)
+TopK = _integer(ge=-1)
+# A non-negative int64, said so with `format` rather than `exclusiveMaximum: 2**63`: FastAPI writes
+# the document's bounds as floats, and a float that large is read back imprecisely (schemathesis
+# then generates 2**63 + 191 as valid); int64's bounds are exact by definition.
+Seed = Annotated[
+    _integer(ge=0, lt=2**63), WithJsonSchema({"type": "integer", "format": "int64", "minimum": 0})
+]
+
+
+def _must_equal(expected: Any, value: Any) -> Any:
+    if value != expected:
+        raise ValueError(f"must be {json.dumps(expected)}")
+    return value
+
+
+# The JSON type of each neutral value, and the Python type that takes it strictly: an integer's is
+# float, so that 0.0 is 0 as in JSON (strict float takes ints, and no bools).
+_JSON_TYPES: dict[type, tuple[str, type]] = {
+    bool: ("boolean", bool),
+    int: ("integer", float),
+    str: ("string", str),
+    list: ("array", list),
+    dict: ("object", dict),
 }
 
 
-class StreamOptions(BaseModel):
+def _exactly(*allowed: Any) -> Any:
+    """A type taking only ``allowed``, each as its own JSON type: ``Literal[1]`` would also take
+    ``true``, and ``Literal[False]`` ``0``, which the document's ``const`` refuses. No values: ``null``.
+    """
+    branches: list[Any] = []
+    for value in allowed:
+        json_type, python_type = _JSON_TYPES[type(value)]
+        branches.append(
+            Annotated[
+                python_type,
+                Strict(),
+                AfterValidator(functools.partial(_must_equal, value)),
+                # with its type, or pydantic would merge `false` and `0` (equal in Python) into one
+                WithJsonSchema({"type": json_type, "const": value}),
+            ]
+        )
+    return functools.reduce(operator.or_, branches) if branches else type(None)
+
+
+def _json_list(values: Iterable[Any]) -> str:
+    shown = [json.dumps(v) for v in values]
+    return ", ".join(shown[:-1]) + f" or {shown[-1]}" if len(shown) > 1 else shown[0]
+
+
+# Fields OpenAI defines that this server does not implement, with the values that ask for nothing
+# besides null: clients often send those defaults, so they are taken (and ignored); any other value
+# is a 400 naming the field, rather than silently doing less than asked.
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "n": (1,),  # one choice per request
+    "best_of": (1,),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+    "echo": (False,),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+}
+
+
+def _neutral_field(name: str) -> tuple[Any, Any]:
+    allowed = _json_list([None, *NEUTRAL_VALUES[name]])
+    return _exactly(*NEUTRAL_VALUES[name]) | type(None), Field(
+        None, description=f"only {allowed}: nothing else is supported"
+    )
+
+
+class _StrictRequest(BaseModel):
+    model_config = _REQUEST_CONFIG
+
+
+_NeutralOnly = create_model(  # type: ignore[call-overload]
+    "_NeutralOnly", __base__=_StrictRequest, **{name: _neutral_field(name) for name in NEUTRAL_VALUES}
+)
+
+
+# The error types of the request models' own refusals, which the app reports as OpenAI's `code`.
+REQUEST_ERROR_CODES = frozenset({"invalid_value", "unsupported_value"})
+
+
+def _explained(value: Any, handler: ValidatorFunctionWrapHandler, message: str, code: str = "invalid_value"):
+    """``handler(value)``, with pydantic's errors (one per union branch) replaced by one message."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError(code, message) from None
+
+
+class StreamOptions(_StrictRequest):
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+_STOP_RULE = (
+    f"must be a string or a list of at most {MAX_STOP_STRINGS} strings, "
+    f"each of 1 to {MAX_STOP_STRING_CHARS} characters"
+)
+# vLLM's rule: stream_options only with stream=true; declared to the document as if/then.
+_STREAM_OPTIONS_NEED_STREAM = {
+    "if": {"properties": {"stream_options": {"type": "object"}}, "required": ["stream_options"]},
+    "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+}
+
+
+class _GenerationRequest(_NeutralOnly):  # type: ignore[misc, valid-type]
     """Fields common to completions and chat completions."""
 
-    model_config = ConfigDict(extra="allow")  # unknown fields are kept aside to be checked, then ignored
+    model_config = ConfigDict(json_schema_extra=_STREAM_OPTIONS_NEED_STREAM)
 
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = Field(None, description="extension: sample from the k most likely tokens")
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    max_tokens: TokenCount | None = None
+    temperature: float | None = Field(
+        None, ge=0.0, le=100.0, description=f"0, or below {GREEDY_BELOW_TEMPERATURE}, is greedy"
+    )
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: TopK | None = Field(
+        None, description="extension: sample from the k most likely tokens; -1 or 0: all"
+    )
+    seed: Seed | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description=f"stop strings: {_STOP_RULE.removeprefix('must be ')}"
+    )
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: int | None = 1
+    stream_options: StreamOptions | None = Field(None, description="only with `stream: true`")
     user: str | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS")
+
+    @field_validator(*NEUTRAL_VALUES, mode="wrap")
+    @classmethod
+    def _only_neutral(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        allowed = _json_list([None, *NEUTRAL_VALUES[str(info.field_name)]])
+        message = f"{json.dumps(value)} is not supported by this server: leave it out or send {allowed}"
+        return _explained(value, handler, message, "unsupported_value")
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _check_stop(cls, stop: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _explained(stop, handler, _STOP_RULE)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(
+        cls, options: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise PydanticCustomError("invalid_value", "only allowed with stream=true")
+        return options
 
     @property
     def include_usage(self) -> bool:
@@ -127,21 +300,12 @@ class _GenerationRequest(BaseModel):
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's parameters for this request; any bad value is a 400 naming its field."""
-        if self.n not in (None, 1):
-            raise bad_request(
-                f"n={self.n}: only one choice per request is supported (n=1)", "n", "unsupported_value"
-            )
-        if self.stream_options is not None and not self.stream:
-            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
-        for name, value in (self.model_extra or {}).items():
-            if name in _NEUTRAL and value not in _NEUTRAL[name]:
-                raise bad_request(
-                    f"{name}={value!r} is not supported by this server", name, "unsupported_value"
-                )
         max_tokens_field, max_tokens = self._requested_max_tokens()
         values = {
             "max_tokens": default_max_tokens if max_tokens is None else max_tokens,
-            "temperature": self.temperature,
+            "temperature": 0.0
+            if self.temperature is not None and self.temperature < GREEDY_BELOW_TEMPERATURE
+            else self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.seed,
@@ -152,8 +316,9 @@ class _GenerationRequest(BaseModel):
         try:
             return SamplingParams(**values)
         except InvalidRequestError as exc:
-            # SamplingParams raises `from None`, which hides pydantic's error but keeps it as
-            # __context__ (PEP 415): its locations name the fields, to report as `param`.
+            # The request's own constraints are SamplingParams' ones, so this is a second line of
+            # defence. SamplingParams raises `from None`, which hides pydantic's error but keeps it
+            # as __context__ (PEP 415): its locations name the fields, to report as `param`.
             if isinstance(exc.__context__, ValidationError):
                 raise _field_error(exc.__context__, {"max_tokens": max_tokens_field}) from None
             raise bad_request(str(exc), None, "invalid_value") from None
@@ -170,40 +335,83 @@ def _field_error(exc: ValidationError, rename: dict[str, str]) -> OpenAIError:
     return bad_request("; ".join(clauses), param, "invalid_value")
 
 
+TokenId = Annotated[_integer(ge=0), Field(description="a token id; the model's vocabulary bounds it")]
+TextPrompt = Annotated[str, Field(min_length=1)]
+TokenPrompt = Annotated[list[TokenId], Field(min_length=1)]
+_PROMPT_RULE = (
+    "must be non-empty text, a non-empty list of token ids (integers >= 0), "
+    "or a list holding exactly one of those"
+)
+
+
 class CompletionRequest(_GenerationRequest):
     """``POST /v1/completions``."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: (
+        TextPrompt
+        | TokenPrompt
+        | Annotated[list[TextPrompt], Field(min_length=1, max_length=1)]
+        | Annotated[list[TokenPrompt], Field(min_length=1, max_length=1)]
+    ) = Field(
+        description="one prompt: a batch of several is refused; its length in tokens must leave room "
+        "in the model's context (`max_model_len` of `GET /v1/models`) for one new token"
+    )
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_prompt(cls, prompt: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str | list):
+            raise PydanticCustomError(
+                "unsupported_value",
+                "batches of prompts are not supported: send one prompt per request (got {count})",
+                {"count": len(prompt)},
+            )
+        return _explained(prompt, handler, _PROMPT_RULE)
 
     def single_prompt(self) -> str | list[int]:
-        """The one prompt: text or token ids. Batches are refused."""
+        """The one prompt, text or token ids, unwrapped from a one-element batch."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            if len(prompt) != 1:
-                raise bad_request(
-                    f"batches of prompts are not supported: send one prompt per request (got {len(prompt)})",
-                    "prompt",
-                    "unsupported_value",
-                )
-            prompt = prompt[0]
+        if isinstance(prompt, list) and isinstance(prompt[0], str | list):
+            return prompt[0]
         return prompt
 
 
-class ChatMessage(BaseModel):
-    """One message as the client sent it; ``chat_template`` checks its role and content."""
+class TextPart(_StrictRequest):
+    """OpenAI's ``{"type": "text", "text": ...}`` content part: the only kind taken here."""
 
-    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+
+_CONTENT_RULE = (
+    'must be a string or a non-empty list of text parts {"type": "text", "text": ...}; '
+    "images, audio and files are not supported"
+)
+
+
+class ChatMessage(_StrictRequest):
+    """One message. ``developer`` is rendered as ``system``, which is what chat templates know;
+    tool messages and tool calls are not supported."""
+
+    role: Literal[ROLES]  # type: ignore[valid-type]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
     name: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _text_only(cls, content: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _explained(content, handler, _CONTENT_RULE)
 
 
 class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(
+        min_length=1,
+        description="rendered with the model's chat template; the result must leave room in the "
+        "model's context (`max_model_len` of `GET /v1/models`) for one new token",
+    )
+    max_completion_tokens: TokenCount | None = Field(None, description="wins over `max_tokens`")
 
     def _requested_max_tokens(self) -> tuple[str, int | None]:
         if self.max_completion_tokens is not None:

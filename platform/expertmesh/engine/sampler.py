@@ -39,7 +39,9 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    logits = logits / p.temperature
+    # less the largest first: the same distribution, and a tiny temperature (1e-40) then scales the
+    # others towards -inf instead of overflowing every logit to inf (NaN probabilities)
+    logits = (logits - logits.max()) / p.temperature
     if p.top_k > 0 or p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         if 0 < p.top_k < sorted_logits.numel():
