@@ -58,14 +58,10 @@ from expertmesh_operator.pool_autoscale import PoolMetrics
 from expertmesh_operator.rollout import AnalysisResult
 
 # The series as Prometheus stores them: counters gain "_total", histograms "_bucket".
-REPLICA_UP = REPLICA_UP_METRIC
-QUEUE_DEPTH = QUEUE_DEPTH_METRIC
-BATCH_SIZE = BATCH_SIZE_METRIC
 ENGINE_TOKENS = (f"{PROMPT_TOKENS_METRIC}_total", f"{GENERATION_TOKENS_METRIC}_total")
 GROUP_TOKENS = f"{GROUP_TOKENS_METRIC}_total"
 TPOT_BUCKETS = f"{TPOT_METRIC}_bucket"
 REQUESTS = f"{REQUESTS_METRIC}_total"
-NOT_ADMITTED = NOT_ADMITTED_OUTCOME  # not counted in error ratios
 QUANTILE = 0.95
 
 logger = logging.getLogger(__name__)
@@ -170,16 +166,16 @@ def pool_selector(model: str, revision: str, pools: Sequence[str]) -> str:
 
 def freshness_query(model: str, revision: str, pools: Sequence[str]) -> str:
     """Per pool, the timestamp of its oldest `expertmesh_replica_up` sample (absent: not reporting)."""
-    return f"min by (pool) (timestamp({REPLICA_UP}{{{pool_selector(model, revision, pools)}}}))"
+    return f"min by (pool) (timestamp({REPLICA_UP_METRIC}{{{pool_selector(model, revision, pools)}}}))"
 
 
 def queue_depth_query(model: str, revision: str, pools: Sequence[str]) -> str:
-    return f"sum by (pool) ({QUEUE_DEPTH}{{{pool_selector(model, revision, pools)}}})"
+    return f"sum by (pool) ({QUEUE_DEPTH_METRIC}{{{pool_selector(model, revision, pools)}}})"
 
 
 def ongoing_requests_query(model: str, revision: str, pools: Sequence[str]) -> str:
     """Requests in the engines: those decoding (batch) plus those waiting to join it."""
-    names = _any_of([BATCH_SIZE, QUEUE_DEPTH])
+    names = _any_of([BATCH_SIZE_METRIC, QUEUE_DEPTH_METRIC])
     return f"sum by (pool) ({{__name__=~{names},{pool_selector(model, revision, pools)}}})"
 
 
@@ -206,7 +202,7 @@ def tpot_p95_query(model: str, revision: str, window_s: float, quantile: float =
 def requests_range_query(model: str, revisions: Sequence[str], range_s: float) -> str:
     """Raw samples of the admitted-request counters of these revisions' engines, by outcome."""
     sel = f"model={_string(model)},revision=~{_any_of(sorted(revisions))},pool={_string(ENGINE_POOL)}"
-    return f"{REQUESTS}{{{sel},outcome!={_string(NOT_ADMITTED)}}}[{duration(range_s)}]"
+    return f"{REQUESTS}{{{sel},outcome!={_string(NOT_ADMITTED_OUTCOME)}}}[{duration(range_s)}]"
 
 
 def latency_range_query(model: str, revisions: Sequence[str], range_s: float) -> str:
@@ -243,7 +239,7 @@ def assemble_pool_metrics(
             out[pool] = PoolMetrics(
                 sampled_at=now,
                 error=(
-                    f"no {REPLICA_UP} sample for pool {pool}{what} in Prometheus: "
+                    f"no {REPLICA_UP_METRIC} sample for pool {pool}{what} in Prometheus: "
                     "its replicas are not scraped, or their series went stale"
                 ),
             )
@@ -319,7 +315,7 @@ def analysis_from(
     errors = {stable: 0.0, canary: 0.0}
     for series in requests_series:
         revision = series.metric.get("revision")
-        if revision not in admitted or series.metric.get("outcome") == NOT_ADMITTED:
+        if revision not in admitted or series.metric.get("outcome") == NOT_ADMITTED_OUTCOME:
             continue
         gained = counter_increase(series.points, window_start)
         admitted[revision] += gained

@@ -1,5 +1,7 @@
 """The Serve application on a real in-process Ray: colocated and disaggregated give the same tokens."""
 
+import collections
+import math
 import os
 import signal
 import threading
@@ -166,6 +168,22 @@ def test_traffic_shift_is_a_reconfigure_not_a_restart(app):
     assert {handle.revision_for.remote("two-revisions", d / 10).result() for d in range(10)} == {"v2"}
     after = {rev: handle.engine_info.remote("two-revisions", rev).result()["pid"] for rev in ("v1", "v2")}
     assert after == before  # the engines' processes were not restarted
+
+
+def test_a_weighted_split_sends_each_revision_its_share(app):
+    """90/10: the Router's own random draw (the one `generate` routes by), over many requests,
+    gives v2 its share within 4.5 binomial standard deviations (false alarm about 1 in 10^5)."""
+    config, handle, _ = app
+    split = config.model_copy(deep=True)
+    (two,) = [m for m in split.models if m.name == "two-revisions"]
+    two.traffic = {"v1": 90, "v2": 10}
+    deploy(split)
+    n, share = 2000, 0.10
+    calls = [handle.revision_for.remote("two-revisions") for _ in range(n)]
+    chosen = collections.Counter(call.result() for call in calls)
+    assert set(chosen) == {"v1", "v2"}
+    bound = 4.5 * math.sqrt(n * share * (1 - share))
+    assert abs(chosen["v2"] - n * share) <= bound, chosen
 
 
 def test_unknown_model_is_named(app):
