@@ -23,7 +23,6 @@ from contextlib import contextmanager
 import openai
 import pytest
 import uvicorn
-import zmq
 
 from expertmesh.api.chat_template import ChatTemplate
 from expertmesh.api.engine_client import LocalEngineClient
@@ -31,11 +30,6 @@ from expertmesh.api.openai_app import build_openai_app
 from expertmesh.engine.async_engine import AsyncLLMEngine
 from expertmesh.engine.llm_engine import LLMEngine
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.model.experts import ExpertPartition
-from expertmesh.model.loader import load_config, load_expert_group, load_model
-from expertmesh.model.tokenizer_files import load_tokenizer, stop_token_ids
-from expertmesh.serve.expert_transport import ExpertGroupServer
-from expertmesh.serve.remote_experts import RemoteExpertBackend
 
 MODEL, ONE_SEAT = "pangu-tiny", "pangu-tiny-1seat"
 PROMPT = "def fibonacci(n):"
@@ -534,47 +528,3 @@ def test_api_key_is_demanded_when_set(engines):
         assert "s3cret" not in caught.value.message
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
             assert response.status == 200
-
-
-def test_an_expert_pool_with_no_live_replica_is_503_with_retry_after(pangu_tiny):
-    """Every replica of expert group 0 gone (an endpoint that never answers), the other groups
-    served: the request fails in bounded time with 503, Retry-After and the group named, and the
-    engine stays up for what it can still serve (here: nothing of this model, so 503 again)."""
-    cfg = load_config(pangu_tiny)
-    groups = cfg.moe.num_routing_groups
-    live = {g: ExpertGroupServer(load_expert_group(pangu_tiny, g, groups)) for g in range(1, groups)}
-    dead = zmq.Context.instance().socket(zmq.ROUTER)  # accepts, never answers
-    dead.setsockopt(zmq.LINGER, 0)
-    dead_endpoint = f"tcp://127.0.0.1:{dead.bind_to_random_port('tcp://127.0.0.1')}"
-    backend = RemoteExpertBackend(
-        ExpertPartition(cfg.moe.num_experts, groups),
-        {0: [dead_endpoint], **{g: [server.endpoint] for g, server in live.items()}},
-        timeout_s=0.5,
-    )
-    model = load_model(pangu_tiny, load_experts=False)
-    model.set_expert_backend(backend)
-    engine = LLMEngine(model, load_tokenizer(pangu_tiny), stop_token_ids(pangu_tiny, cfg.eos_token_ids))
-    client = LocalEngineClient()
-    client.add("pool-down", AsyncLLMEngine(engine), pangu_tiny)
-    try:
-        with serving(build_openai_app(client)) as port:
-            oai = openai.OpenAI(
-                base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60
-            )
-            for stream in (False, True):
-                with pytest.raises(openai.APIStatusError) as caught:
-                    reply = oai.completions.create(
-                        model="pool-down", prompt=PROMPT, max_tokens=4, stream=stream
-                    )
-                    list(reply) if stream else None
-                error = caught.value
-                assert error.status_code == 503 and error.response.headers["Retry-After"] == "5"
-                assert error.body["type"] == "service_unavailable_error"
-                assert "expert group 0" in error.body["message"]
-            assert idle(engine)  # the failed requests' cache is free
-    finally:
-        client.shutdown()
-        backend.close()
-        dead.close(linger=0)
-        for server in live.values():
-            server.close()
