@@ -19,6 +19,11 @@ class EngineConfig(BaseModel):
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     max_queued_requests: int = Field(4096, ge=1, description="waiting requests before new ones are refused")
     seed: int = Field(0, description="seed for requests that bring none")
+    enable_prefix_caching: bool = Field(
+        True,
+        description="reuse the KV cache blocks of a prompt's start that an earlier request computed "
+        "(on by default, as in vLLM); false: every prompt is prefilled whole",
+    )
     # Ping-pong overlap of disaggregated experts (model/micro_batch.py). Off by default: on a
     # machine where the pools already fill the cores while the engine waits there is no idle
     # time to hide, and bench/overlap.py reads below 1 there (docs/benchmarks.md).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from expertmesh.engine.prefix_cache import PrefixCache
 from expertmesh.model.attention import LayerKVCache
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.mla import LatentKVCache
@@ -19,22 +20,60 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int):
+    """Cache blocks by reference count. With a PrefixCache, a block that holds cached content and
+    that no request holds any more stays cached (idle) and counts as free: it is given out again
+    for new content only when no plain free block is left, oldest first."""
+
+    def __init__(self, num_blocks: int, prefix_cache: PrefixCache | None = None):
         self.num_blocks = num_blocks
+        self.prefix_cache = prefix_cache
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        idle = self.prefix_cache.num_idle if self.prefix_cache is not None else 0
+        return len(self._free) + idle
+
+    def refs(self, block: int) -> int:
+        return self._refs[block]
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks with {len(self._free)} free")
-        taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
-        return taken[::-1]
+        """`n` blocks for new content, each held once."""
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} KV blocks with {self.num_free} free")
+        plain = min(n, len(self._free))
+        taken, self._free = self._free[len(self._free) - plain :], self._free[: len(self._free) - plain]
+        blocks = taken[::-1]
+        if self.prefix_cache is not None:
+            blocks += [self.prefix_cache.evict_oldest() for _ in range(n - plain)]
+        for block in blocks:
+            self._refs[block] = 1
+        return blocks
+
+    def share(self, blocks: list[int]) -> None:
+        """Hold cached blocks once more (a new request reuses their content)."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                self.prefix_cache.unpark(block)  # type: ignore[union-attr]  # only cached blocks are shared
+            self._refs[block] += 1
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Let go of blocks once; a block nobody holds is free, or idle if its content is cached.
+        A request's tail goes idle first, so it is evicted before the request's head."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            if self.prefix_cache is not None and self.prefix_cache.holds(block):
+                self.prefix_cache.park(block)
+            else:
+                self._free.append(block)
+
+    def forget_idle(self) -> None:
+        """Drop every idle cached block's content (e.g. the warm-up's), freeing the blocks."""
+        if self.prefix_cache is not None:
+            self._free.extend(self.prefix_cache.evict_all_idle())
 
 
 class KVCache:

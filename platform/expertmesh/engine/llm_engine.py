@@ -18,6 +18,7 @@ from expertmesh.engine.kernel_guard import MAX_PREFILL_ROWS, guard_kernels
 from expertmesh.engine.kv_cache import BlockAllocator, KVCache
 from expertmesh.engine.malloc_retention import retain_freed_memory
 from expertmesh.engine.model_runner import ModelRunner
+from expertmesh.engine.prefix_cache import PrefixCache, root_hash
 from expertmesh.engine.sampler import sample
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import Scheduler
@@ -84,8 +85,11 @@ class LLMEngine:
             self.config.max_num_seqs * self.max_model_len,
         )
         self.cache = KVCache(cfg, num_blocks, self.config.block_size, dtype)
-        self.allocator = BlockAllocator(num_blocks)
-        self.scheduler = Scheduler(self.config, self.allocator, self.max_model_len)
+        caching = self.config.enable_prefix_caching
+        self.allocator = BlockAllocator(num_blocks, PrefixCache() if caching else None)
+        # one engine, one model revision: what else shapes a block's K/V is the cache's dtype
+        root = root_hash(f"kv-cache-dtype={dtype}") if caching else None
+        self.scheduler = Scheduler(self.config, self.allocator, self.max_model_len, root)
         self.runner = ModelRunner(
             model, self.cache, self.config.micro_batches, self.config.micro_batch_min_tokens
         )
@@ -158,6 +162,8 @@ class LLMEngine:
             start += n
         while self.has_unfinished_requests():
             self.step()
+        self.allocator.forget_idle()  # random prompts: nothing a request will share
+        self.scheduler.prefix_cache_queries = self.scheduler.prefix_cache_hits = 0
         self.last_step = StepStats()
 
     # ---- requests -------------------------------------------------------------------
@@ -259,6 +265,16 @@ class LLMEngine:
             "free_blocks": self.allocator.num_free,
         }
 
+    def prefix_cache_stats(self) -> dict:
+        """Prompt tokens looked up and found in the prefix cache since start, and cached blocks now."""
+        cache = self.allocator.prefix_cache
+        return {
+            "enabled": cache is not None,
+            "queries": self.scheduler.prefix_cache_queries,
+            "hits": self.scheduler.prefix_cache_hits,
+            "cached_blocks": cache.num_cached if cache is not None else 0,
+        }
+
     # ---- the step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -274,6 +290,8 @@ class LLMEngine:
                 result = self.runner.execute(plan)
             except BackendUnavailableError as exc:
                 return self._fail_step(plan, exc)
+            for seq in [*plan.decodes, *(seq for seq, _ in plan.prefills)]:
+                self.scheduler.cache_computed_blocks(seq)  # before a finish frees them
             outputs = []
             if result.sampled:
                 tokens = sample(
@@ -360,4 +378,5 @@ class LLMEngine:
             first_token_time=seq.first_token_time,
             finished_time=time.monotonic() if finished else None,
             error=seq.error,
+            num_cached_tokens=seq.num_cached_tokens,
         )

@@ -4,7 +4,9 @@ Each step: every running sequence that has finished its prompt decodes one
 token; prompts still being read get the rest of the step's token budget, in
 arrival order; waiting requests join, in arrival order, while the budget, the
 batch size and the KV cache allow. A request reserves the cache blocks for its
-whole life when it joins, so a running sequence never has to be preempted.
+whole life when it joins, so a running sequence never has to be preempted. With the prefix
+cache, a request joins holding the cached blocks its prompt starts with (shared, not copied),
+counts only the blocks it still needs against the free ones, and prefills the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.kv_cache import BlockAllocator, blocks_for
+from expertmesh.engine.prefix_cache import BlockHash, chain_hashes, reusable_blocks
 from expertmesh.engine.sequence import Sequence, SequenceStatus
 
 
@@ -39,8 +42,13 @@ def plan_step(
     free_blocks: int,
     config: EngineConfig,
     blocks_needed: Callable[[Sequence], int],
+    cached_tokens: Callable[[Sequence], int] = lambda seq: 0,
 ) -> StepPlan:
-    """Pure: what runs this step, given the queues and the free cache blocks."""
+    """Pure: what runs this step, given the queues and the free cache blocks.
+
+    `blocks_needed(seq)` is what admitting a waiting sequence takes from the free blocks, and
+    `cached_tokens(seq)` how much of its prompt the prefix cache already holds (not prefilled).
+    """
     plan = StepPlan()
     budget = config.max_num_batched_tokens
     plan.decodes = [s for s in running if not s.is_prefilling]
@@ -55,7 +63,7 @@ def plan_step(
         need = blocks_needed(seq)
         if budget <= 0 or seats <= 0 or need > free_blocks:
             break  # first come, first served: nobody overtakes the head of the queue
-        n = min(len(seq.prompt_token_ids), budget)
+        n = min(len(seq.prompt_token_ids) - cached_tokens(seq), budget)
         plan.admitted.append(seq)
         plan.prefills.append((seq, n))
         budget, seats, free_blocks = budget - n, seats - 1, free_blocks - need
@@ -63,10 +71,20 @@ def plan_step(
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: BlockAllocator, max_model_len: int):
+    def __init__(
+        self,
+        config: EngineConfig,
+        allocator: BlockAllocator,
+        max_model_len: int,
+        cache_root: BlockHash | None = None,
+    ):
+        """`cache_root`: the root of block addresses when the allocator has a prefix cache."""
         self.config, self.allocator, self.max_model_len = config, allocator, max_model_len
+        self.prefix_cache, self.cache_root = allocator.prefix_cache, cache_root
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # prompt tokens admitted, and how many of them the prefix cache held (vLLM's queries/hits)
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
 
     def blocks_needed(self, seq: Sequence) -> int:
         """Blocks for the prompt and every token the request may still generate."""
@@ -78,16 +96,76 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
+        if self.prefix_cache is not None:
+            seq.block_hashes = self._hashes_from(self.cache_root, seq.prompt_token_ids)
         self.waiting.append(seq)
 
+    def _hashes_from(self, parent: BlockHash | None, token_ids: list[int]) -> list[BlockHash]:
+        assert parent is not None
+        return chain_hashes(parent, token_ids, self.config.block_size)
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a waiting sequence's prompt may start from."""
+        if self.prefix_cache is None:
+            return []
+        usable = reusable_blocks(len(seq.prompt_token_ids), self.config.block_size)
+        return self.prefix_cache.longest_prefix(seq.block_hashes[:usable])
+
+    def _admission_cost(self, seq: Sequence, cached: list[int]) -> int:
+        """Free blocks admitting `seq` uses up: its new blocks, and the idle cached ones it takes."""
+        idle = sum(1 for block in cached if self.allocator.refs(block) == 0)
+        return self.blocks_needed(seq) - len(cached) + idle
+
     def schedule(self) -> StepPlan:
-        plan = plan_step(self.running, self.waiting, self.allocator.num_free, self.config, self.blocks_needed)
+        prefixes: dict[str, list[int]] = {}  # looked up once per step and sequence
+
+        def cached(seq: Sequence) -> list[int]:
+            if seq.request_id not in prefixes:
+                prefixes[seq.request_id] = self._cached_prefix(seq)
+            return prefixes[seq.request_id]
+
+        plan = plan_step(
+            self.running,
+            self.waiting,
+            self.allocator.num_free,
+            self.config,
+            lambda seq: self._admission_cost(seq, cached(seq)),
+            lambda seq: len(cached(seq)) * self.config.block_size,
+        )
+        # every admitted sequence holds its cached blocks before any new block is allocated,
+        # which could otherwise evict a block another admitted sequence counted on
         for seq in plan.admitted:
             self.waiting.popleft()
-            seq.blocks = self.allocator.allocate(self.blocks_needed(seq))
+            seq.blocks = list(cached(seq))
+            self.allocator.share(seq.blocks)
+            seq.num_computed_tokens = seq.num_cached_tokens = len(seq.blocks) * self.config.block_size
+            seq.num_cached_blocks = len(seq.blocks)
+            if self.prefix_cache is not None:
+                self.prefix_cache_queries += len(seq.prompt_token_ids)
+                self.prefix_cache_hits += seq.num_cached_tokens
+        for seq in plan.admitted:
+            seq.blocks += self.allocator.allocate(self.blocks_needed(seq) - len(seq.blocks))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         return plan
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Address the blocks of `seq` that are now full of computed K/V (prompt or output), so
+        later requests with the same start reuse them."""
+        if self.prefix_cache is None:
+            return
+        block_size = self.config.block_size
+        full = seq.num_computed_tokens // block_size
+        if full <= seq.num_cached_blocks:
+            return
+        known = len(seq.block_hashes)
+        if known < full:  # output tokens filled blocks past the prompt's
+            parent = seq.block_hashes[-1] if seq.block_hashes else self.cache_root
+            tokens = [seq.token_at(p) for p in range(known * block_size, full * block_size)]
+            seq.block_hashes += self._hashes_from(parent, tokens)
+        for i in range(seq.num_cached_blocks, full):
+            self.prefix_cache.add(seq.blocks[i], seq.block_hashes[i])
+        seq.num_cached_blocks = full
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a sequence and give its cache blocks back at once."""

@@ -29,6 +29,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     blocks: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held when the request joined
+    block_hashes: list[bytes] = field(default_factory=list)  # addresses of its full blocks so far
+    num_cached_blocks: int = 0  # leading blocks addressed in the prefix cache
     text: str = ""  # detokenized output so far (stop strings already cut)
     emitted_chars: int = 0  # how much of `text` the caller has been given
     emitted_tokens: int = 0
@@ -79,6 +82,7 @@ class RequestOutput:
     first_token_time: float | None = None
     finished_time: float | None = None
     error: str | None = None  # set when the request failed (finish_reason "error")
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (vLLM's name)
 
     @property
     def num_output_tokens(self) -> int:
