@@ -224,6 +224,21 @@ def test_generate_streams_deltas_then_finish(generation, offline):
     assert 0 < stats.time_to_first_token_s <= stats.total_time_s
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(infer, generation):
+    """GenerationStats.cached_tokens and ModelInfer's `cached_tokens` parameter: prompt tokens the
+    prefix cache served, as OpenAI's usage.prompt_tokens_details.cached_tokens."""
+    prompt = "def lookup(self, key):\n    return self.blocks[key]\n" * 4
+    request = gen.GenerateRequest(
+        model=MODEL, text=prompt, sampling=gen.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    )
+    first, second = (list(generation.Generate(request, timeout=RPC_TIMEOUT))[-1].finish for _ in range(2))
+    block = 16  # the engine's default block size
+    assert first.stats.prompt_tokens > 2 * block and first.stats.cached_tokens == 0
+    assert second.stats.cached_tokens == (first.stats.prompt_tokens - 1) // block * block
+    reply = infer.ModelInfer(text_request(prompt=prompt, max_tokens=4), timeout=RPC_TIMEOUT)
+    assert reply.parameters["cached_tokens"].int64_param == second.stats.cached_tokens
+
+
 def test_tritonclient_without_ray_metadata(grpc_port, offline_outputs):
     """The newest stock client, float parameters included (double_param on the wire)."""
     script = textwrap.dedent(

@@ -233,6 +233,8 @@ def test_prometheus_scrapes_expertmesh_series_with_their_labels(prometheus, serv
     def engine_series_arrived():
         assert values(prometheus, f"sum(expertmesh_generation_tokens_total{{{sel}}})", "") == {"": generated}
         assert values(prometheus, f"sum(expertmesh_prompt_tokens_total{{{sel}}})", "") == {"": prompt_tokens}
+        queried = values(prometheus, f"sum(expertmesh_prefix_cache_queries_total{{{sel}}})", "")
+        assert queried == {"": prompt_tokens}  # every admitted prompt token was looked up
         assert values(
             prometheus, f'sum by (outcome) (expertmesh_requests_total{{{sel},pool="engine"}})', "outcome"
         ) == {"length": len(PROMPTS), "rejected": 1}

@@ -528,3 +528,23 @@ def test_api_key_is_demanded_when_set(engines):
         assert "s3cret" not in caught.value.message
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
             assert response.status == 200
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens(oai):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: the second time, every full cache
+    block before the prompt's last token comes from the prefix cache, and the answer is the same."""
+    prompt = "class Cache:\n    def lookup(self, key):\n        return self.blocks[key]\n" * 3
+    greedy = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    first, second = oai.completions.create(**greedy), oai.completions.create(**greedy)
+    block = 16  # the engine's default block size
+    assert first.usage.prompt_tokens > 2 * block
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert (
+        second.usage.prompt_tokens_details.cached_tokens == (first.usage.prompt_tokens - 1) // block * block
+    )
+    assert second.choices[0].text == first.choices[0].text
+    chunks = list(oai.completions.create(**greedy, stream=True, stream_options={"include_usage": True}))
+    assert (
+        chunks[-1].usage.prompt_tokens_details.cached_tokens
+        == second.usage.prompt_tokens_details.cached_tokens
+    )

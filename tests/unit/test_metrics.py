@@ -189,7 +189,9 @@ def test_moge_engine_window_is_balanced_and_counts_every_token(make_engine, pang
     for rows in window.layer_expert_rows.values():
         assert group_loads(rows, partition) == [fed] * partition.num_groups
     assert states[0].running == len(prompts) and states[0].kv_cache_usage > 0
-    assert EngineState.of(engine) == EngineState(0, 0, 0.0)  # all finished, cache given back
+    # all finished, the cache given back (blocks the prefix cache keeps idle count as free)
+    queried = {"enabled": True, "queries": prompt_tokens, "hits": 0, "cached_blocks": 0}
+    assert EngineState.of(engine) == EngineState(0, 0, 0.0, queried)
 
 
 def run(coro, timeout: float = 30.0):
@@ -275,3 +277,15 @@ def test_each_guarded_op_and_size_reports_the_path_its_guard_chose():
         Sample(KERNEL_PATH, 1, "experts-g0", (("op", "linear"), ("size", "prefill"), ("path", "torch"))),
     ]
     assert kernel_path_samples({}) == []
+
+
+def test_prefix_cache_samples_are_what_the_cache_gained_and_holds():
+    stats = {"enabled": True, "queries": 96, "hits": 64, "cached_blocks": 7}
+    samples = window_samples(
+        StepWindow(), [], EngineState(0, 0, 0.0, stats), None, prefix_gained={"queries": 32, "hits": 0}
+    )
+    got = {s.series.name: s.value for s in samples if s.series.name.startswith("expertmesh_prefix")}
+    # a counter that gained nothing records nothing (Ray's counters refuse 0)
+    assert got == {"expertmesh_prefix_cache_blocks": 7, "expertmesh_prefix_cache_queries": 32}
+    off = window_samples(StepWindow(), [], EngineState(0, 0, 0.0), None)
+    assert not [s for s in off if s.series.name.startswith("expertmesh_prefix")]

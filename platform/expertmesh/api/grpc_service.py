@@ -16,7 +16,8 @@ generators. With one application deployed, clients need no Ray-specific metadata
   element (shape [1] or [1, 1], in ``contents.bytes_contents`` or ``raw_input_contents``) and
   answers one BYTES ``text_output`` element in the same shape and the same representation.
   Sampling comes from the request ``parameters`` (see ``sampling_params_from_infer``); the response
-  ``parameters`` carry ``finish_reason``, ``prompt_tokens`` and ``completion_tokens``.
+  ``parameters`` carry ``finish_reason``, ``prompt_tokens``, ``completion_tokens`` and ``cached_tokens``
+  (prompt tokens served from the prefix cache).
 - ``expertmesh.v1.Generation``: streaming ``Generate`` and ``ListModels``.
 - ``grpc.health.v1.Health``: ``Check`` and ``Watch``, for the whole server ("") and each service.
 
@@ -257,6 +258,7 @@ def _infer_response(
     response.parameters["finish_reason"].string_param = reason or "abort"
     response.parameters["prompt_tokens"].int64_param = len(final.prompt_token_ids)
     response.parameters["completion_tokens"].int64_param = len(completion.token_ids)
+    response.parameters["cached_tokens"].int64_param = final.num_cached_tokens
     return response
 
 
@@ -465,6 +467,7 @@ def _finish(last: RequestOutput, started: float, first_token_at: float | None) -
         stats=gen.GenerationStats(
             prompt_tokens=len(last.prompt_token_ids),
             completion_tokens=len(c.token_ids),
+            cached_tokens=last.num_cached_tokens,
             time_to_first_token_s=(first_token_at - started) if first_token_at is not None else 0.0,
             total_time_s=now - started,
         ),

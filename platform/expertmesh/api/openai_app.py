@@ -62,6 +62,7 @@ from expertmesh.api.openai_schemas import (
     ModelCard,
     ModelList,
     OpenAIError,
+    PromptTokensDetails,
     UsageInfo,
     bad_request,
     new_id,
@@ -331,7 +332,12 @@ async def _aclose(stream: AsyncIterator[Any]) -> None:
 
 def _usage(out: RequestOutput) -> UsageInfo:
     prompt, completion = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return UsageInfo(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens),
+    )
 
 
 # --- response shapes ----------------------------------------------------------------------------

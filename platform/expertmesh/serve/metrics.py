@@ -92,6 +92,15 @@ GENERATION_TOKENS = Series(GENERATION_TOKENS_METRIC, "counter", "Tokens generate
 BATCH_SIZE = Series(BATCH_SIZE_METRIC, "gauge", "Sequences in the running batch")
 QUEUE_DEPTH = Series(QUEUE_DEPTH_METRIC, "gauge", "Requests waiting to join the batch")
 KV_CACHE_USAGE = Series("expertmesh_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks in use")
+PREFIX_CACHE_QUERIES = Series(
+    "expertmesh_prefix_cache_queries", "counter", "Prompt tokens of admitted requests looked up in the prefix cache"
+)
+PREFIX_CACHE_HITS = Series(
+    "expertmesh_prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache (not prefilled)"
+)
+PREFIX_CACHE_BLOCKS = Series(
+    "expertmesh_prefix_cache_blocks", "gauge", "KV cache blocks holding cached content, in use or idle"
+)
 GROUP_TOKENS = Series(
     GROUP_TOKENS_METRIC,
     "counter",
@@ -151,6 +160,9 @@ SERIES: tuple[Series, ...] = (
     BATCH_SIZE,
     QUEUE_DEPTH,
     KV_CACHE_USAGE,
+    PREFIX_CACHE_QUERIES,
+    PREFIX_CACHE_HITS,
+    PREFIX_CACHE_BLOCKS,
     GROUP_TOKENS,
     EXPERT_TOKENS,
     GROUP_IMBALANCE,
@@ -286,13 +298,21 @@ class EngineState:
     running: int
     waiting: int
     kv_cache_usage: float
+    prefix_cache: dict | None = None  # LLMEngine.prefix_cache_stats(), when the cache is on
 
     @classmethod
     def of(cls, engine: LLMEngine) -> EngineState:
         # Lock-free reads of lengths from another thread: a value one step old is fine for a gauge.
+        # Idle cached blocks count as free: any request may take them.
         alloc = engine.allocator
         used = 1.0 - alloc.num_free / alloc.num_blocks if alloc.num_blocks else 0.0
-        return cls(len(engine.scheduler.running), len(engine.scheduler.waiting), used)
+        cache = engine.prefix_cache_stats()
+        return cls(
+            len(engine.scheduler.running),
+            len(engine.scheduler.waiting),
+            used,
+            cache if cache["enabled"] else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -319,6 +339,7 @@ def window_samples(
     partition: ExpertPartition | None,
     replica_rows: dict[str, int] | None = None,
     pools: dict[int, list[str]] | None = None,
+    prefix_gained: dict[str, int] | None = None,
 ) -> list[Sample]:
     """Pure: the samples one flush records.
 
@@ -331,6 +352,11 @@ def window_samples(
         Sample(QUEUE_DEPTH, state.waiting),
         Sample(KV_CACHE_USAGE, state.kv_cache_usage),
     ]
+    if state.prefix_cache is not None:
+        out.append(Sample(PREFIX_CACHE_BLOCKS, state.prefix_cache["cached_blocks"]))
+    for series, key in ((PREFIX_CACHE_QUERIES, "queries"), (PREFIX_CACHE_HITS, "hits")):
+        if prefix_gained and prefix_gained.get(key):
+            out.append(Sample(series, prefix_gained[key]))
     if window.prompt_tokens:
         out.append(Sample(PROMPT_TOKENS, window.prompt_tokens))
     if window.generation_tokens:
@@ -455,6 +481,7 @@ class EngineMetrics:
         self._finished: list[FinishedRequest] = []
         self._backend = None  # RemoteExpertBackend, in disaggregated mode
         self._rows_before: dict[str, int] = {}
+        self._prefix_before: dict[str, int] = {}
         self._sink = RaySink(model, revision)
         moe = engine.model.config.moe
         info = (
@@ -499,7 +526,12 @@ class EngineMetrics:
             pools = self._backend.endpoints()  # replicas come and go: Serve replaces and scales them
             now = dict(self._backend.rows_sent_per_replica)  # a copy: the engine thread adds to it
             deltas, self._rows_before = counter_deltas(now, self._rows_before), now
-        samples = window_samples(window, finished, EngineState.of(self.engine), self.partition, deltas, pools)
+        state = EngineState.of(self.engine)
+        prefix_gained = None
+        if state.prefix_cache is not None:
+            counts = {key: state.prefix_cache[key] for key in ("queries", "hits")}
+            prefix_gained, self._prefix_before = counter_deltas(counts, self._prefix_before), counts
+        samples = window_samples(window, finished, state, self.partition, deltas, pools, prefix_gained)
         self._sink.record(samples)
 
     def _run(self) -> None:

@@ -54,6 +54,7 @@ class Delta:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+    num_cached_tokens: int = 0  # on the last delta only, with the prompt
 
     @classmethod
     def of(cls, out: RequestOutput) -> Delta:
@@ -70,6 +71,7 @@ class Delta:
             out.arrival_time,
             out.first_token_time,
             out.finished_time,
+            out.num_cached_tokens if out.finished else 0,
         )
 
 
@@ -184,6 +186,7 @@ class OutputAssembler:
             first_token_time=delta.first_token_time,
             finished_time=delta.finished_time,
             error=delta.error,
+            num_cached_tokens=delta.num_cached_tokens,
         )
 
     def finish(self, final: RequestOutput) -> RequestOutput:
