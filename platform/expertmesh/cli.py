@@ -44,7 +44,9 @@ def _generate(args: argparse.Namespace) -> None:
         return
     from expertmesh.engine.llm import LLM
 
-    llm = LLM(args.model, args.dtype)
+    # The loading bar is for a person at a terminal: with stdout piped, rich wrote it (a stray
+    # blank line) into the generated text that a script reads.
+    llm = LLM(args.model, args.dtype, show_progress=sys.stdout.isatty())
     for out in llm.generate_stream([args.prompt], params):
         sys.stdout.write(out.outputs[0].delta_text)
         sys.stdout.flush()

@@ -119,8 +119,12 @@ def serve_forever(config: ServeConfig, host: str = "127.0.0.1") -> None:
     # 60 s wait for the app on a first start.
     print("preparing the native CPU kernels (compiled once for this machine, then cached)...", flush=True)
     native_kernels()
-    # a fixed metrics port, so deployments/prometheus/prometheus.yml can scrape it
-    ray.init(include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
+    # SIGTERM stops a start-up as Ctrl-C does (through the `finally` below), not by killing the
+    # process with its Ray still running
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # a Ray of its own ("local": never one that RAY_ADDRESS names, whose Serve the exit would
+    # shut down), with a fixed metrics port, so deployments/prometheus/prometheus.yml can scrape it
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     try:
         serve.start(
             http_options={"host": host, "port": config.http_port}, grpc_options=grpc_options(config.grpc_port)
