@@ -218,3 +218,21 @@ def test_off_is_todays_engine(engines):
     assert run_one(plain, prompt).num_cached_tokens == 0
     assert plain.allocator.prefix_cache is None
     assert plain.prefix_cache_stats() == {"enabled": False, "queries": 0, "hits": 0, "cached_blocks": 0}
+
+
+def test_requests_arriving_together_compute_their_shared_prefix_once(make_engine):
+    """Four requests with a 64-token prefix nobody has cached, submitted at once: the first
+    computes the prefix, the others wait that step and share it, with the same tokens."""
+    cached = make_engine(enable_prefix_caching=True, max_num_batched_tokens=512, max_num_seqs=8)
+    plain = make_engine(enable_prefix_caching=False, max_num_batched_tokens=512, max_num_seqs=8)
+    prefix = tokens(64, 100)
+    prompts = [prefix + tokens(5, 101 + i) for i in range(4)]
+    ids = [cached.add_request(p, greedy(6)) for p in prompts]
+    prefilled, finals = 0, {}
+    while cached.has_unfinished_requests():
+        finals |= {o.request_id: o for o in cached.step() if o.finished}
+        prefilled += cached.last_step.prefill_tokens
+    assert prefilled == 69 + 3 * 5  # the prefix once, then each request's own tokens
+    assert [finals[i].num_cached_tokens for i in ids] == [0, 64, 64, 64]
+    for request, prompt in zip(ids, prompts, strict=True):
+        assert finals[request].outputs[0].token_ids == run_one(plain, prompt, 6).outputs[0].token_ids

@@ -36,18 +36,32 @@ class StepPlan:
         return not self.decodes and not self.prefills
 
 
+@dataclass(frozen=True)
+class CacheView:
+    """What plan_step needs to know of the prefix cache; the default is no cache."""
+
+    # prompt tokens of a waiting sequence the cache holds (not prefilled)
+    cached_tokens: Callable[[Sequence], int] = lambda seq: 0
+    # addresses of a waiting sequence's full prompt blocks past its cached ones
+    uncached_blocks: Callable[[Sequence], list[BlockHash]] = lambda seq: []
+    # addresses of the prompt blocks running sequences have still to compute
+    in_flight: frozenset[BlockHash] = frozenset()
+
+
 def plan_step(
     running: list[Sequence],
     waiting: Iterable[Sequence],
     free_blocks: int,
     config: EngineConfig,
     blocks_needed: Callable[[Sequence], int],
-    cached_tokens: Callable[[Sequence], int] = lambda seq: 0,
+    cache: CacheView = CacheView(),  # noqa: B008  # frozen, never changed
 ) -> StepPlan:
     """Pure: what runs this step, given the queues and the free cache blocks.
 
-    `blocks_needed(seq)` is what admitting a waiting sequence takes from the free blocks, and
-    `cached_tokens(seq)` how much of its prompt the prefix cache already holds (not prefilled).
+    `blocks_needed(seq)` is what admitting a waiting sequence takes from the free blocks. A
+    waiting sequence whose next uncached block an earlier request is computing right now waits
+    a step, then shares it: admitted at once, it would compute the same K/V again (a batch of
+    requests with one long shared prefix would prefill it once per seat of the first step).
     """
     plan = StepPlan()
     budget = config.max_num_batched_tokens
@@ -59,11 +73,16 @@ def plan_step(
             plan.prefills.append((seq, n))
             budget -= n
     seats = config.max_num_seqs - len(running)
+    computing = set(cache.in_flight)
     for seq in waiting:
         need = blocks_needed(seq)
         if budget <= 0 or seats <= 0 or need > free_blocks:
             break  # first come, first served: nobody overtakes the head of the queue
-        n = min(len(seq.prompt_token_ids) - cached_tokens(seq), budget)
+        uncached = cache.uncached_blocks(seq)
+        if uncached and uncached[0] in computing:
+            break  # ... nor a request that waits to share what is being computed
+        computing.update(uncached)
+        n = min(len(seq.prompt_token_ids) - cache.cached_tokens(seq), budget)
         plan.admitted.append(seq)
         plan.prefills.append((seq, n))
         budget, seats, free_blocks = budget - n, seats - 1, free_blocks - need
@@ -124,13 +143,26 @@ class Scheduler:
                 prefixes[seq.request_id] = self._cached_prefix(seq)
             return prefixes[seq.request_id]
 
+        view = CacheView()
+        if self.prefix_cache is not None:
+            in_flight = frozenset(
+                h
+                for seq in self.running
+                if seq.is_prefilling
+                for h in seq.block_hashes[seq.num_cached_blocks :]
+            )
+            view = CacheView(
+                cached_tokens=lambda seq: len(cached(seq)) * self.config.block_size,
+                uncached_blocks=lambda seq: seq.block_hashes[len(cached(seq)) :],
+                in_flight=in_flight,
+            )
         plan = plan_step(
             self.running,
             self.waiting,
             self.allocator.num_free,
             self.config,
             lambda seq: self._admission_cost(seq, cached(seq)),
-            lambda seq: len(cached(seq)) * self.config.block_size,
+            view,
         )
         # every admitted sequence holds its cached blocks before any new block is allocated,
         # which could otherwise evict a block another admitted sequence counted on
