@@ -93,7 +93,9 @@ BATCH_SIZE = Series(BATCH_SIZE_METRIC, "gauge", "Sequences in the running batch"
 QUEUE_DEPTH = Series(QUEUE_DEPTH_METRIC, "gauge", "Requests waiting to join the batch")
 KV_CACHE_USAGE = Series("expertmesh_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks in use")
 PREFIX_CACHE_QUERIES = Series(
-    "expertmesh_prefix_cache_queries", "counter", "Prompt tokens of admitted requests looked up in the prefix cache"
+    "expertmesh_prefix_cache_queries",
+    "counter",
+    "Prompt tokens of admitted requests looked up in the prefix cache",
 )
 PREFIX_CACHE_HITS = Series(
     "expertmesh_prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache (not prefilled)"
