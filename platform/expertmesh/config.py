@@ -72,6 +72,12 @@ class RevisionSpec(BaseModel):
     source: str = Field(..., min_length=1, description="checkpoint directory (HF layout)")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     engine_replicas: int = Field(1, ge=1, le=64)
+    engine_routing: Literal["prefix_aware", "least_loaded"] = Field(
+        "prefix_aware",
+        description="how requests spread over engine replicas: prefix_aware sends a prompt to the "
+        "replica that most likely caches its start (unless its queue is 4 longer than the "
+        "shortest); least_loaded ignores prompts",
+    )
     engine_threads: int = Field(
         1, ge=1, le=MAX_THREADS, description="torch intra-op threads of each engine replica"
     )

@@ -93,6 +93,10 @@ def app(ray_serve, pangu_tiny):
                     ],
                 },
                 {
+                    "name": "prefix-routed",  # two engine replicas behind the prefix-aware router
+                    "revisions": [{"source": str(pangu_tiny), "engine_replicas": 2}],
+                },
+                {
                     "name": "two-revisions",
                     "revisions": [
                         {"name": "v1", "source": str(pangu_tiny)},
@@ -186,6 +190,23 @@ def test_a_weighted_split_sends_each_revision_its_share(app):
     assert abs(chosen["v2"] - n * share) <= bound, chosen
 
 
+def test_requests_sharing_a_prefix_go_to_the_replica_that_caches_it(app, pangu_tiny):
+    """Two system prompts, interleaved, over two engine replicas: after each prompt's first
+    request, every later one lands where its prefix is cached (random routing would make all
+    four later requests hit with probability 1/16), and gets the offline engine's tokens."""
+    _, handle, _ = app
+    systems = [f"You are assistant {name}. Answer briefly and only in code.\n" * 4 for name in "AB"]
+    questions = ["def main():", "import os", "class Pool:"]
+    prompts = [system + q for q in questions for system in systems]  # A1 B1 A2 B2 A3 B3
+    finals = []
+    for prompt in prompts:
+        stream = handle.options(stream=True, method_name="generate").remote("prefix-routed", prompt, GREEDY)
+        finals.append(list(stream)[-1])
+    offline = LLM(pangu_tiny, show_progress=False).generate(prompts, SamplingParams(**GREEDY), use_tqdm=False)
+    assert [f.outputs[0].token_ids for f in finals] == [o.outputs[0].token_ids for o in offline]
+    assert [f.num_cached_tokens > 0 for f in finals] == [False, False, True, True, True, True]
+
+
 def test_unknown_model_is_named(app):
     _, handle, _ = app
     with pytest.raises(Exception, match="model 'nope' is not served here; available models: 'colocated'"):
@@ -200,6 +221,7 @@ def test_openai_client_through_the_serve_http_proxy(app, pangu_tiny):
         "colocated",
         "disaggregated",
         "one-seat",
+        "prefix-routed",
         "two-revisions",
     ]
     offline = LLM(pangu_tiny, show_progress=False).generate(

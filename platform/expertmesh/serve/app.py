@@ -10,12 +10,13 @@ import time
 
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.config import gRPCOptions
+from ray.serve.config import RequestRouterConfig, gRPCOptions
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from expertmesh.config import ConfigError, RevisionSpec, ServeConfig
 from expertmesh.errors import ExpertMeshError
 from expertmesh.serve.deployments import Engine, ExpertGroup, Router, partition_for
+from expertmesh.serve.prefix_routing import PrefixAffinityRouter
 from expertmesh.serve_layout import (
     APP_NAME,
     engine_deployment_name,
@@ -31,6 +32,13 @@ def grpc_options(port: int = 9000, request_timeout_s: float | None = None) -> gR
     """Options for Serve's gRPC proxy: ``serve.start(grpc_options=grpc_options(port))``. Proxy
     options are fixed when Serve starts; a running Serve keeps the ones it started with."""
     return gRPCOptions(**grpc_options_fields(port, request_timeout_s))
+
+
+def engine_request_router(rev: RevisionSpec) -> RequestRouterConfig:
+    """How the Router's handle picks an engine replica of this revision."""
+    if rev.engine_routing == "prefix_aware":
+        return RequestRouterConfig(request_router_class=PrefixAffinityRouter)
+    return RequestRouterConfig()  # Serve's default: power of two choices, by queue length
 
 
 def build_revision_app(model: str, rev: RevisionSpec) -> serve.Application:
@@ -50,6 +58,7 @@ def build_revision_app(model: str, rev: RevisionSpec) -> serve.Application:
         name=engine_deployment_name(model, rev.name),
         num_replicas=rev.engine_replicas,
         ray_actor_options=rev.resources.engine.ray_actor_options(),
+        request_router_config=engine_request_router(rev),
     )
     return engine.bind(spec, groups, model=model)
 
