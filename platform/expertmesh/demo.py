@@ -48,6 +48,8 @@ def run_demo(model: Path, max_tokens: int = 48, dtype: str = "auto", console: Co
             texts[row] += out.outputs[0].delta_text
             tokens += len(out.outputs[0].delta_token_ids)
             live.update(_table(SAMPLE_PROMPTS, texts))
+    if not console.is_terminal:  # Live leaves its last frame without a line end there
+        console.line()
     elapsed = time.perf_counter() - start
     stats = {"requests": len(SAMPLE_PROMPTS), "output_tokens": tokens, "seconds": elapsed}
     console.print(
