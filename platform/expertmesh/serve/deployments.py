@@ -185,6 +185,7 @@ class Engine:
             "kernels": self.engine.kernel_report,  # what the load-time guard chose here
             "kv_cache": self.engine.cache.describe(),
             "requests": self.engine.occupancy(),
+            "prefix_cache": self.engine.prefix_cache_stats(),
         }
 
 
