@@ -153,6 +153,14 @@ class ModelResourceSpec(CamelModel):
     architecture: ArchitectureOverrides = Field(default_factory=ArchitectureOverrides)
     expert_parallel: ExpertParallel = Field(default_factory=ExpertParallel)
     engine_replicas: int = Field(1, ge=1, le=64)
+    engine_routing: Literal["prefix_aware", "least_loaded"] = Field(
+        "prefix_aware",
+        description="over engine replicas: prefix_aware sends a prompt to the replica most likely to "
+        "cache its start; least_loaded ignores prompts",
+    )
+    prefix_caching: bool = Field(
+        True, description="reuse KV cache blocks of prompt starts earlier requests computed (as vLLM)"
+    )
     min_engine_replicas: int = Field(1, ge=1, le=64)
     max_engine_replicas: int = Field(8, ge=1, le=64)
     resources: Resources = Field(default_factory=Resources)

@@ -77,6 +77,7 @@ def _revision_spec(record: RevisionRecord) -> RevisionSpec:
         source=spec.source.path(),
         dtype=spec.architecture.dtype,
         engine_replicas=spec.engine_replicas,
+        engine_routing=spec.engine_routing,
         engine_threads=engine_threads,
         expert_threads=expert_threads,
         resources=RevisionResources(engine=engine_resources, experts=expert_resources),
@@ -87,6 +88,7 @@ def _revision_spec(record: RevisionRecord) -> RevisionSpec:
             max_num_seqs=spec.limits.max_num_seqs,
             max_num_batched_tokens=spec.limits.max_batch_tokens,
             max_model_len=spec.limits.max_context,
+            enable_prefix_caching=spec.prefix_caching,
         ),
     )
 

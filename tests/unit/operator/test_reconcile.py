@@ -208,3 +208,14 @@ def test_a_resources_change_keeps_the_revision_and_follows_into_its_app():
     (revision,) = app_args(second).models[0].revisions
     assert revision.name == "v1" and revision.resources.engine.num_cpus == 6.0  # no canary for it
     assert second.statuses["pangu"].rollout.phase == "Stable"
+
+
+def test_prefix_caching_and_engine_routing_reach_the_revision_in_place():
+    (default,) = app_args(run([model()])).models[0].revisions
+    assert default.engine.enable_prefix_caching and default.engine_routing == "prefix_aware"
+    first = run([model()])
+    models = with_status([model(generation=2, prefixCaching=False, engineRouting="least_loaded")], first)
+    second = run(models, now=T0 + 10)
+    (revision,) = app_args(second).models[0].revisions
+    assert revision.name == "v1" and second.statuses["pangu"].rollout.phase == "Stable"  # no canary
+    assert not revision.engine.enable_prefix_caching and revision.engine_routing == "least_loaded"
