@@ -7,6 +7,26 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding: propose tokens cheaply, verify them all in one forward pass."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["ngram"] = Field(
+        "ngram",
+        description="ngram: prompt lookup, the tokens that followed the sequence's last n-gram before",
+    )
+    num_tokens: int = Field(4, ge=1, le=16, description="tokens proposed per step for each sequence, at most")
+    ngram_max: int = Field(4, ge=1, le=16, description="longest trailing n-gram looked up")
+    ngram_min: int = Field(1, ge=1, le=16, description="shortest trailing n-gram looked up")
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> SpeculativeConfig:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        return self
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -27,6 +47,11 @@ class EngineConfig(BaseModel):
     # Ping-pong overlap of disaggregated experts (model/micro_batch.py). Off by default: on a
     # machine where the pools already fill the cores while the engine waits there is no idle
     # time to hide, and bench/overlap.py reads below 1 there (docs/benchmarks.md).
+    speculative: SpeculativeConfig | None = Field(
+        None,
+        description="speculative decoding of greedy requests (off by default); sampled requests decode "
+        "one token a step",
+    )
     micro_batches: Literal[1, 2] = Field(
         1,
         description="2: with remote experts, run a large step as two micro-batches that alternate, "

@@ -19,10 +19,11 @@ from expertmesh.engine.kv_cache import BlockAllocator, KVCache
 from expertmesh.engine.malloc_retention import retain_freed_memory
 from expertmesh.engine.model_runner import ModelRunner
 from expertmesh.engine.prefix_cache import PrefixCache, root_hash
-from expertmesh.engine.sampler import sample
+from expertmesh.engine.sampler import greedy_tokens, sample
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.engine.scheduler import Scheduler
+from expertmesh.engine.scheduler import Scheduler, StepPlan
 from expertmesh.engine.sequence import CompletionOutput, RequestOutput, Sequence
+from expertmesh.engine.speculative import accept_greedy, propose_ngram
 from expertmesh.errors import (
     BackendUnavailableError,
     InvalidRequestError,
@@ -46,6 +47,7 @@ class StepStats:
     prefill_tokens: int = 0
     seconds: float = 0.0
     decode_context_tokens: int = 0  # cached positions the decoding sequences attended over, summed
+    verify_seqs: int = 0  # decoding sequences that verified proposed tokens instead
 
 
 def context_length(config: EngineConfig, model: ModelConfig) -> int:
@@ -97,6 +99,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self._requests: dict[str, Sequence] = {}  # every unfinished request, by id
         self.aborted_requests = 0  # stopped by abort_request (their clients left), since start
+        self.spec_proposed_tokens = self.spec_accepted_tokens = 0  # speculative decoding, since start
         self._ids = itertools.count()
         self._seed_source = torch.Generator().manual_seed(self.config.seed)
         # step() holds `lock` for the whole step; abort_request waits for it, so the blocks are
@@ -284,6 +287,8 @@ class LLMEngine:
                 plan = self.scheduler.schedule()
             if plan.empty:
                 return []
+            if self.config.speculative is not None:
+                self._propose(plan)
             decode_context = sum(s.num_computed_tokens + 1 for s in plan.decodes)
             started = time.perf_counter()
             try:
@@ -305,18 +310,74 @@ class LLMEngine:
                     else:
                         self._append(seq, token, now)
                     outputs.append(self._report(seq))
+            if result.verified:
+                now = time.monotonic()
+                for seq, proposals, logits in result.verified:
+                    self._keep_verified(seq, proposals, greedy_tokens(logits).tolist(), now)
+                    outputs.append(self._report(seq))
             self.last_step = StepStats(
                 len(plan.decodes),
-                plan.num_tokens - len(plan.decodes),
+                plan.prefill_tokens,
                 time.perf_counter() - started,
                 decode_context,
+                len(plan.verifies),
             )
             return outputs
+
+    def _propose(self, plan: StepPlan) -> None:
+        """Move the greedy decodes that n-gram lookup finds proposals for into `plan.verifies`,
+        within the step's token budget and each request's reserved cache blocks."""
+        spec = self.config.speculative
+        assert spec is not None
+        budget = self.config.max_num_batched_tokens - plan.num_tokens
+        plain = []
+        for seq in plan.decodes:
+            # positions up to num_tokens - 1 + k are written: inside the blocks reserved for
+            # max_tokens and the context
+            room = min(
+                spec.num_tokens,
+                budget,
+                seq.params.max_tokens - len(seq.output_token_ids) - 1,
+                self.max_model_len - seq.num_tokens - 1,
+            )
+            proposals = []
+            if seq.params.greedy and room > 0:
+                history = seq.prompt_token_ids + seq.output_token_ids
+                proposals = propose_ngram(history, room, spec.ngram_max, spec.ngram_min)
+            if proposals:
+                plan.verifies.append((seq, proposals))
+                budget -= len(proposals)
+                self.spec_proposed_tokens += len(proposals)
+            else:
+                plain.append(seq)
+        plan.decodes = plain
+
+    def _keep_verified(self, seq: Sequence, proposals: list[int], picks: list[int], now: float) -> None:
+        """Append what a verified span yields; the cache keeps the K/V of the tokens kept."""
+        tokens = accept_greedy(proposals, picks)
+        self.spec_accepted_tokens += len(tokens) - 1
+        start = seq.num_computed_tokens
+        seq.num_computed_tokens = start + 1  # the last token's K/V, whatever is kept
+        self.scheduler.cache_computed_blocks(seq)  # before a finish frees the blocks
+        for token in tokens:
+            self._append(seq, token, now)
+            if seq.finished:
+                return
+        seq.num_computed_tokens = start + len(tokens)  # and the kept proposals'
+        self.scheduler.cache_computed_blocks(seq)
+
+    def speculative_stats(self) -> dict:
+        """Tokens proposed and accepted since start (the acceptance rate is their ratio)."""
+        return {
+            "enabled": self.config.speculative is not None,
+            "proposed": self.spec_proposed_tokens,
+            "accepted": self.spec_accepted_tokens,
+        }
 
     def _fail_step(self, plan, exc: BackendUnavailableError) -> list[RequestOutput]:
         """The step's forward pass could not finish: fail exactly its requests, free their cache."""
         outputs = []
-        for seq in [*plan.decodes, *(s for s, _ in plan.prefills)]:
+        for seq in [*plan.decodes, *(s for s, _ in plan.prefills), *(s for s, _ in plan.verifies)]:
             self._fail(seq, str(exc))
             outputs.append(self._report(seq))
         return outputs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,8 @@ from expertmesh.model.transformer import CausalLM
 class StepResult:
     sampled: list[Sequence]  # sequences that produce a token this step, in logits row order
     logits: torch.Tensor  # [len(sampled), V] fp32
+    # per verifying sequence: its proposals and the logits after its last token and each proposal
+    verified: list[tuple[Sequence, list[int], torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -39,7 +41,26 @@ class ModelRunner:
         blocks = torch.tensor(seq.blocks)[positions // self.block_size]
         return blocks * self.block_size + positions % self.block_size
 
-    def build(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardBatch, list[Sequence], list[int]]:
+    def _span(
+        self, seq: Sequence, start: int, n: int, row: int, positions: list, slot_parts: list
+    ) -> PrefillSpan:
+        """Positions [start, start + n) of `seq` as batch rows [row, row + n), attending over the
+        cache from position 0."""
+        positions.append(torch.arange(start, start + n))
+        slot_parts.append(self._slots(seq, start, start + n))
+        span = PrefillSpan(row, row + n, cached=start)
+        if start:
+            span.context_slots = self._slots(seq, 0, start + n)
+            keys = torch.arange(start + n)
+            queries = torch.arange(start, start + n)
+            span.mask = (keys.unsqueeze(0) <= queries.unsqueeze(1)).view(1, 1, n, start + n)
+        return span
+
+    def build(
+        self, plan: StepPlan
+    ) -> tuple[torch.Tensor, ForwardBatch, list[Sequence], list[int], list[range]]:
+        """The step's input ids and batch, the sequences sampled from and their rows, and each
+        verifying sequence's rows."""
         token_ids: list[int] = []
         positions: list[torch.Tensor] = []
         slot_parts: list[torch.Tensor] = []
@@ -84,19 +105,18 @@ class ModelRunner:
         for seq, n in plan.prefills:
             start = seq.num_computed_tokens
             token_ids.extend(seq.prompt_token_ids[start : start + n])
-            positions.append(torch.arange(start, start + n))
-            slot_parts.append(self._slots(seq, start, start + n))
-            span = PrefillSpan(row, row + n, cached=start)
-            if start:
-                span.context_slots = self._slots(seq, 0, start + n)
-                keys = torch.arange(start + n)
-                queries = torch.arange(start, start + n)
-                span.mask = (keys.unsqueeze(0) <= queries.unsqueeze(1)).view(1, 1, n, start + n)
-            spans.append(span)
+            spans.append(self._span(seq, start, n, row, positions, slot_parts))
             row += n
             if start + n == len(seq.prompt_token_ids):  # prompt complete: its last row yields a token
                 sampled.append(seq)
                 sample_rows.append(row - 1)
+        verify_rows = []
+        for seq, proposals in plan.verifies:  # a span from the last token, every row sampled
+            start, n = seq.num_computed_tokens, 1 + len(proposals)
+            token_ids.extend([seq.token_at(start), *proposals])
+            spans.append(self._span(seq, start, n, row, positions, slot_parts))
+            verify_rows.append(range(row, row + n))
+            row += n
 
         batch = ForwardBatch(
             positions=torch.cat(positions),
@@ -106,10 +126,10 @@ class ModelRunner:
             decode_lengths=lengths,
             prefills=spans,
         )
-        return torch.tensor(token_ids), batch, sampled, sample_rows
+        return torch.tensor(token_ids), batch, sampled, sample_rows, verify_rows
 
     def execute(self, plan: StepPlan) -> StepResult:
-        input_ids, batch, sampled, rows = self.build(plan)
+        input_ids, batch, sampled, rows, verify_rows = self.build(plan)
         blocks = self.model.moe_blocks
         split_at = plan_micro_batches(
             batch,
@@ -125,4 +145,9 @@ class ModelRunner:
         for seq in plan.decodes:
             seq.num_computed_tokens += 1
         logits = self.model.logits(hidden[rows]) if rows else hidden.new_zeros(0, 0)
-        return StepResult(sampled, logits)
+        # a verifying sequence's computed count moves by what the engine keeps of its proposals
+        verified = [
+            (seq, proposals, self.model.logits(hidden[list(span)]))
+            for (seq, proposals), span in zip(plan.verifies, verify_rows, strict=True)
+        ]
+        return StepResult(sampled, logits, verified)

@@ -26,14 +26,21 @@ class StepPlan:
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, prompt tokens this step)
     admitted: list[Sequence] = field(default_factory=list)  # waiting sequences that join this step
+    # decoding sequences that verify proposed tokens: their last token and the proposals, in one span
+    verifies: list[tuple[Sequence, list[int]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        verified = sum(1 + len(proposals) for _, proposals in self.verifies)
+        return len(self.decodes) + sum(n for _, n in self.prefills) + verified
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(n for _, n in self.prefills)
 
     @property
     def empty(self) -> bool:
-        return not self.decodes and not self.prefills
+        return not self.decodes and not self.prefills and not self.verifies
 
 
 @dataclass(frozen=True)

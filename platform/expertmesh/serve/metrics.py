@@ -504,7 +504,9 @@ class EngineMetrics:
         self._seen_step = step
         rows = expert_rows(self._moe_blocks)
         with self._lock:
-            self._window.add_step(step.prefill_tokens, len(outputs), rows)
+            # a verified span (speculative decoding) yields several tokens in one output
+            generated = sum(len(out.outputs[0].delta_token_ids) for out in outputs)
+            self._window.add_step(step.prefill_tokens, generated, rows)
 
     def on_finished(self, output: RequestOutput | None, outcome: str) -> None:
         record = FinishedRequest.of(output, outcome)

@@ -1,0 +1,48 @@
+"""Speculative decoding's two decisions, as pure functions: what to propose, what to keep.
+
+n-gram proposal (prompt lookup, as vLLM's `ngram` method): the tokens that followed the latest
+earlier occurrence of the sequence's trailing n-gram, longest n first. It costs no model and finds
+something wherever text repeats itself: code, quotes, structured output, a model that loops.
+
+Verification runs the sequence's last token and the proposals through the model in one pass (a
+span over the cache, as a prefill chunk). For a greedy request a proposal is kept while it is
+the token the model picks at its position; the model's own pick after the last kept one comes
+free, so each verified step yields 1 to k + 1 tokens, exactly the tokens plain decoding gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def propose_ngram(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:
+    """Up to `k` tokens that followed the earlier occurrence of the longest trailing n-gram (at
+    most `ngram_max`, at least `ngram_min` tokens; the latest occurrence among equally long
+    ones); [] when none matches (pure). One backward scan for the last token, then each
+    candidate's match is extended backwards."""
+    total = len(tokens)
+    last = tokens[-1] if total else None
+    best_len, best_end = 0, -1
+    for end in range(total - 2, -1, -1):
+        if tokens[end] != last:
+            continue
+        length = 1
+        while length < ngram_max and end >= length and tokens[end - length] == tokens[total - 1 - length]:
+            length += 1
+        if length > best_len:
+            best_len, best_end = length, end
+            if length == ngram_max:
+                break
+    if best_len < ngram_min:
+        return []
+    return list(tokens[best_end + 1 : best_end + 1 + k])
+
+
+def accept_greedy(proposals: Sequence[int], picks: Sequence[int]) -> list[int]:
+    """The tokens a verified step yields (pure): the proposals the model itself picked, in order,
+    then its pick after the last of them. `picks[i]` is the model's greedy token after the
+    sequence's last token and the first i proposals (len(proposals) + 1 of them)."""
+    kept = 0
+    while kept < len(proposals) and proposals[kept] == picks[kept]:
+        kept += 1
+    return [*proposals[:kept], picks[kept]]
