@@ -24,6 +24,7 @@ from expertmesh.engine.speculative import accept_greedy, propose_ngram
         ([1, 2, 1, 3, 1], 2, 2, []),  # (3, 1) never came before: below ngram_min
         ([4, 8, 1, 5, 9, 1], 2, 1, [5, 9]),  # the latest of equally long matches
         ([1, 2, 9, 7, 2, 8, 1, 2], 2, 1, [9, 7]),  # the longest match, not the latest
+        ([9, 5, 6, 5, 6], 4, 1, [5, 6, 5, 6]),  # a short period: the copy runs on into itself
         ([3], 2, 1, []),
         ([], 2, 1, []),
     ],

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 
 def propose_ngram(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:
-    """Up to `k` tokens that followed the earlier occurrence of the longest trailing n-gram (at
+    """`k` tokens that followed the earlier occurrence of the longest trailing n-gram (at
     most `ngram_max`, at least `ngram_min` tokens; the latest occurrence among equally long
     ones); [] when none matches (pure). One backward scan for the last token, then each
     candidate's match is extended backwards."""
@@ -35,7 +35,12 @@ def propose_ngram(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int)
                 break
     if best_len < ngram_min:
         return []
-    return list(tokens[best_end + 1 : best_end + 1 + k])
+    # copy what followed the match; where that reaches the end of the history (a repeat whose
+    # period is shorter than k), the copy runs on into its own proposals, continuing the period
+    extended = list(tokens[best_end + 1 :])
+    while len(extended) < k:
+        extended += extended[: k - len(extended)]
+    return extended[:k]
 
 
 def accept_greedy(proposals: Sequence[int], picks: Sequence[int]) -> list[int]:
