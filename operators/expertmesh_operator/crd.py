@@ -138,6 +138,15 @@ class RolloutStrategy(CamelModel):
     canary: CanaryStrategy = Field(default_factory=CanaryStrategy)
 
 
+class Speculative(CamelModel):
+    """Speculative decoding of greedy requests (the engine's SpeculativeConfig, in camelCase)."""
+
+    method: Literal["ngram"] = Field("ngram", description="ngram: prompt lookup")
+    num_tokens: int = Field(4, ge=1, le=16, description="tokens proposed per step and sequence, at most")
+    ngram_max: int = Field(4, ge=1, le=16)
+    ngram_min: int = Field(1, ge=1, le=16, description="at most ngramMax")
+
+
 class Limits(CamelModel):
     max_context: int | None = Field(None, ge=2, le=10_000_000)
     max_batch_tokens: int = Field(1024, ge=16, le=10_000_000)
@@ -161,6 +170,7 @@ class ModelResourceSpec(CamelModel):
     prefix_caching: bool = Field(
         True, description="reuse KV cache blocks of prompt starts earlier requests computed (as vLLM)"
     )
+    speculative: Speculative | None = Field(None, description="speculative decoding; off when absent")
     min_engine_replicas: int = Field(1, ge=1, le=64)
     max_engine_replicas: int = Field(8, ge=1, le=64)
     resources: Resources = Field(default_factory=Resources)

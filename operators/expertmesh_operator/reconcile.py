@@ -89,6 +89,7 @@ def _revision_spec(record: RevisionRecord) -> RevisionSpec:
             max_num_batched_tokens=spec.limits.max_batch_tokens,
             max_model_len=spec.limits.max_context,
             enable_prefix_caching=spec.prefix_caching,
+            speculative=spec.speculative.model_dump() if spec.speculative else None,
         ),
     )
 

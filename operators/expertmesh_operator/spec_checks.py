@@ -21,7 +21,15 @@ def spec_problems(spec: ModelResourceSpec, model_config: ModelConfig | None = No
         *_limits(spec, model_config),
         *_autoscaling(spec),
         *_resources(spec),
+        *_speculative(spec),
     ]
+
+
+def _speculative(spec: ModelResourceSpec) -> list[str]:
+    s = spec.speculative
+    if s is not None and s.ngram_min > s.ngram_max:
+        return [f"speculative.ngramMin ({s.ngram_min}) must not exceed speculative.ngramMax ({s.ngram_max})"]
+    return []
 
 
 def _resources(spec: ModelResourceSpec) -> list[str]:

@@ -191,7 +191,7 @@ def test_moge_engine_window_is_balanced_and_counts_every_token(make_engine, pang
     assert states[0].running == len(prompts) and states[0].kv_cache_usage > 0
     # all finished, the cache given back (blocks the prefix cache keeps idle count as free)
     queried = {"enabled": True, "queries": prompt_tokens, "hits": 0, "cached_blocks": 0}
-    assert EngineState.of(engine) == EngineState(0, 0, 0.0, queried)
+    assert EngineState.of(engine) == EngineState(0, 0, 0.0, queried, None)
 
 
 def run(coro, timeout: float = 30.0):
@@ -282,10 +282,17 @@ def test_each_guarded_op_and_size_reports_the_path_its_guard_chose():
 def test_prefix_cache_samples_are_what_the_cache_gained_and_holds():
     stats = {"enabled": True, "queries": 96, "hits": 64, "cached_blocks": 7}
     samples = window_samples(
-        StepWindow(), [], EngineState(0, 0, 0.0, stats), None, prefix_gained={"queries": 32, "hits": 0}
+        StepWindow(), [], EngineState(0, 0, 0.0, stats), None, engine_gained={"queries": 32, "hits": 0}
     )
     got = {s.series.name: s.value for s in samples if s.series.name.startswith("expertmesh_prefix")}
     # a counter that gained nothing records nothing (Ray's counters refuse 0)
     assert got == {"expertmesh_prefix_cache_blocks": 7, "expertmesh_prefix_cache_queries": 32}
     off = window_samples(StepWindow(), [], EngineState(0, 0, 0.0), None)
     assert not [s for s in off if s.series.name.startswith("expertmesh_prefix")]
+
+
+def test_speculation_samples_are_what_it_proposed_and_kept():
+    gained = {"queries": 0, "hits": 0, "proposed": 40, "accepted": 31}
+    samples = window_samples(StepWindow(), [], EngineState(0, 0, 0.0), None, engine_gained=gained)
+    got = {s.series.name: s.value for s in samples if s.series.name.startswith("expertmesh_spec")}
+    assert got == {"expertmesh_spec_decode_proposed_tokens": 40, "expertmesh_spec_decode_accepted_tokens": 31}

@@ -103,6 +103,14 @@ PREFIX_CACHE_HITS = Series(
 PREFIX_CACHE_BLOCKS = Series(
     "expertmesh_prefix_cache_blocks", "gauge", "KV cache blocks holding cached content, in use or idle"
 )
+SPEC_PROPOSED = Series(
+    "expertmesh_spec_decode_proposed_tokens",
+    "counter",
+    "Tokens speculative decoding proposed for verification",
+)
+SPEC_ACCEPTED = Series(
+    "expertmesh_spec_decode_accepted_tokens", "counter", "Proposed tokens the model verified and kept"
+)
 GROUP_TOKENS = Series(
     GROUP_TOKENS_METRIC,
     "counter",
@@ -165,6 +173,8 @@ SERIES: tuple[Series, ...] = (
     PREFIX_CACHE_QUERIES,
     PREFIX_CACHE_HITS,
     PREFIX_CACHE_BLOCKS,
+    SPEC_PROPOSED,
+    SPEC_ACCEPTED,
     GROUP_TOKENS,
     EXPERT_TOKENS,
     GROUP_IMBALANCE,
@@ -301,6 +311,7 @@ class EngineState:
     waiting: int
     kv_cache_usage: float
     prefix_cache: dict | None = None  # LLMEngine.prefix_cache_stats(), when the cache is on
+    speculative: dict | None = None  # LLMEngine.speculative_stats(), when speculation is on
 
     @classmethod
     def of(cls, engine: LLMEngine) -> EngineState:
@@ -308,12 +319,13 @@ class EngineState:
         # Idle cached blocks count as free: any request may take them.
         alloc = engine.allocator
         used = 1.0 - alloc.num_free / alloc.num_blocks if alloc.num_blocks else 0.0
-        cache = engine.prefix_cache_stats()
+        cache, spec = engine.prefix_cache_stats(), engine.speculative_stats()
         return cls(
             len(engine.scheduler.running),
             len(engine.scheduler.waiting),
             used,
             cache if cache["enabled"] else None,
+            spec if spec["enabled"] else None,
         )
 
 
@@ -341,7 +353,7 @@ def window_samples(
     partition: ExpertPartition | None,
     replica_rows: dict[str, int] | None = None,
     pools: dict[int, list[str]] | None = None,
-    prefix_gained: dict[str, int] | None = None,
+    engine_gained: dict[str, int] | None = None,
 ) -> list[Sample]:
     """Pure: the samples one flush records.
 
@@ -356,9 +368,11 @@ def window_samples(
     ]
     if state.prefix_cache is not None:
         out.append(Sample(PREFIX_CACHE_BLOCKS, state.prefix_cache["cached_blocks"]))
-    for series, key in ((PREFIX_CACHE_QUERIES, "queries"), (PREFIX_CACHE_HITS, "hits")):
-        if prefix_gained and prefix_gained.get(key):
-            out.append(Sample(series, prefix_gained[key]))
+    counted = ((PREFIX_CACHE_QUERIES, "queries"), (PREFIX_CACHE_HITS, "hits"))
+    counted += ((SPEC_PROPOSED, "proposed"), (SPEC_ACCEPTED, "accepted"))
+    for series, key in counted:
+        if engine_gained and engine_gained.get(key):
+            out.append(Sample(series, engine_gained[key]))
     if window.prompt_tokens:
         out.append(Sample(PROMPT_TOKENS, window.prompt_tokens))
     if window.generation_tokens:
@@ -483,7 +497,7 @@ class EngineMetrics:
         self._finished: list[FinishedRequest] = []
         self._backend = None  # RemoteExpertBackend, in disaggregated mode
         self._rows_before: dict[str, int] = {}
-        self._prefix_before: dict[str, int] = {}
+        self._engine_counts_before: dict[str, int] = {}
         self._sink = RaySink(model, revision)
         moe = engine.model.config.moe
         info = (
@@ -531,11 +545,11 @@ class EngineMetrics:
             now = dict(self._backend.rows_sent_per_replica)  # a copy: the engine thread adds to it
             deltas, self._rows_before = counter_deltas(now, self._rows_before), now
         state = EngineState.of(self.engine)
-        prefix_gained = None
-        if state.prefix_cache is not None:
-            counts = {key: state.prefix_cache[key] for key in ("queries", "hits")}
-            prefix_gained, self._prefix_before = counter_deltas(counts, self._prefix_before), counts
-        samples = window_samples(window, finished, state, self.partition, deltas, pools, prefix_gained)
+        # what the engine's own counters (prefix cache, speculation) gained since the last flush
+        counts = {key: (state.prefix_cache or {}).get(key, 0) for key in ("queries", "hits")}
+        counts |= {key: (state.speculative or {}).get(key, 0) for key in ("proposed", "accepted")}
+        gained, self._engine_counts_before = counter_deltas(counts, self._engine_counts_before), counts
+        samples = window_samples(window, finished, state, self.partition, deltas, pools, gained)
         self._sink.record(samples)
 
     def _run(self) -> None:

@@ -219,3 +219,11 @@ def test_prefix_caching_and_engine_routing_reach_the_revision_in_place():
     (revision,) = app_args(second).models[0].revisions
     assert revision.name == "v1" and second.statuses["pangu"].rollout.phase == "Stable"  # no canary
     assert not revision.engine.enable_prefix_caching and revision.engine_routing == "least_loaded"
+
+
+def test_speculative_decoding_reaches_the_engine_and_a_bad_range_is_named():
+    (revision,) = app_args(run([model(speculative={"numTokens": 3})])).models[0].revisions
+    assert revision.engine.speculative.num_tokens == 3 and revision.engine.speculative.method == "ngram"
+    bad = run([model(speculative={"ngramMin": 5, "ngramMax": 2})])
+    degraded = bad.statuses["pangu"].condition("Degraded")
+    assert degraded.status == "True" and "speculative.ngramMin (5) must not exceed" in degraded.message
