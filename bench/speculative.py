@@ -13,19 +13,16 @@ acceptance rate, whether the tokens are identical, then `ratio speculative/plain
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
+from small_checkpoint import CHECKPOINTS, small_checkpoint
 
 from expertmesh import LLM, SamplingParams
 from expertmesh.kernels.isa import cpu_model
-from expertmesh.model.checkpoint_maker import make_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT = ROOT / "checkpoints" / "qwen2_moe-small"
+CHECKPOINT = CHECKPOINTS / "qwen2_moe-small"
 NUM_PROMPTS, PROMPT_LEN, UNIT, NEW_TOKENS, PROPOSE = 4, 256, 32, 128, 4
 
 
@@ -67,9 +64,7 @@ def run(prompts: list[list[int]], speculative: dict | None) -> dict:
 
 def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
-    if not (CHECKPOINT / "config.json").is_file():
-        make_checkpoint("qwen2_moe", "small", CHECKPOINT)
-    prompts = workload(json.loads((CHECKPOINT / "config.json").read_text())["vocab_size"])
+    prompts = workload(small_checkpoint("qwen2_moe")[1])
     print(f"CPU: {cpu_model()}; {torch.get_num_threads()} threads; checkpoint {CHECKPOINT.name}")
     print(
         f"workload: {NUM_PROMPTS} prompts of {PROMPT_LEN} tokens repeating a {UNIT}-token unit, "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from polling import wait_until
 
 from expertmesh.serve.metrics import TPOT_BUCKETS
 from expertmesh_operator.crd import AutoscalingTargets, CanaryAnalysis
@@ -312,14 +313,6 @@ def held_samples(
     promql = f"count_over_time({selector}[{int(seconds * 1000)}ms])"
     held = {s.metric.get(by): s.number for s in client.vector(promql)}
     return min(held.get(name, 0) for name in among)
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    """Poll `condition` every half scrape (the machine may be busy: a fixed sleep races it)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
-        time.sleep(SCRAPE_S / 2)
 
 
 def deciding(scaler: Autoscaler, pool: str, why: str) -> Callable[[], bool]:

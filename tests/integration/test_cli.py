@@ -26,12 +26,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
+from polling import wait_until
 
 from expertmesh.demo import SAMPLE_PROMPTS
 from expertmesh.kernels import isa_level, native_kernels
@@ -95,19 +95,6 @@ def live_session_members(session_id: int) -> list[int]:
         if int(session) == session_id and state != "Z":
             members.append(int(entry.name))
     return members
-
-
-def wait_until(
-    condition: Callable[[], object], what: str | Callable[[], str], timeout_s: float, every_s: float = 0.25
-):
-    """Poll `condition` until it is truthy (returned); fail naming `what` (a callable: asked then,
-    to describe the state at the deadline) past the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(every_s)
-    pytest.fail(f"{what() if callable(what) else what}: not within {timeout_s:.0f} s")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import openai
 import pytest
 import uvicorn
+from polling import wait_until
 
 from expertmesh.api.chat_template import ChatTemplate
 from expertmesh.api.engine_client import LocalEngineClient
@@ -49,11 +50,7 @@ class RecordingClient(LocalEngineClient):
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
+    wait_until(condition, what, timeout_s=timeout, every_s=0.005)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from polling import wait_until
 from ray import serve
 
 from expertmesh.config import ServeConfig, traffic_table
@@ -249,16 +250,6 @@ def test_openai_client_through_the_serve_http_proxy(app, pangu_tiny):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
 
 
-def wait_for(condition, what: str, timeout: float = 60.0, every: float = 0.2):
-    """Poll until `condition()` is truthy (its value is returned); fail naming `what` past the timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(every)
-    pytest.fail(f"{what}: not within {timeout:.0f} s")
-
-
 def test_a_full_queue_is_refused_at_once_and_a_client_that_leaves_frees_its_seat(app):
     openai = pytest.importorskip("openai")
     _, handle, url = app
@@ -275,16 +266,16 @@ def test_a_full_queue_is_refused_at_once_and_a_client_that_leaves_frees_its_seat
     queued = handle.options(stream=True, method_name="generate").remote(
         "one-seat", "def b():", {"max_tokens": 4}
     )
-    wait_for(lambda: occupancy()["waiting"] == 1, "the second request waiting in the engine")
+    wait_until(lambda: occupancy()["waiting"] == 1, "the second request waiting in the engine")
     start = time.monotonic()
     with pytest.raises(openai.RateLimitError, match="max_queued_requests=1"):
         client.completions.create(model="one-seat", prompt="def c():", max_tokens=4)
     assert time.monotonic() - start < 10  # refused at once, not after the others
     aborted = occupancy()["aborted"]
     running.close()  # the client goes away: Serve cancels, the engine aborts and frees its blocks
-    wait_for(lambda: occupancy()["aborted"] == aborted + 1, "the abort of the stream whose client left")
+    wait_until(lambda: occupancy()["aborted"] == aborted + 1, "the abort of the stream whose client left")
     assert list(queued)[-1].finished  # the waiting request took the seat and ran
-    wait_for(
+    wait_until(
         lambda: (
             occupancy() == {"running": 0, "waiting": 0, "aborted": aborted + 1, "free_blocks": free_at_rest}
         ),
@@ -358,7 +349,7 @@ def test_killing_an_expert_replica_under_load_loses_no_request_and_the_pool_reco
         assert generate(handle, "disaggregated", PROMPTS[0]) == want[0].outputs[0].token_ids[:10]
         return all(r["requests_served"] > 0 for r in fresh)
 
-    wait_for(replacement_serving, "the new expert replica serving rows", timeout=180, every=1)
+    wait_until(replacement_serving, "the new expert replica serving rows", timeout_s=180, every_s=1)
 
 
 def test_changing_one_model_restarts_only_that_models_deployments(app):
