@@ -8,8 +8,9 @@ import torch
 from pydantic import ValidationError
 
 from expertmesh.engine.config import EngineConfig, SpeculativeConfig
+from expertmesh.engine.sampler import target_probs
 from expertmesh.engine.sampling_params import SamplingParams
-from expertmesh.engine.speculative import accept_greedy, propose_ngram
+from expertmesh.engine.speculative import accept_greedy, accept_sampled, propose_ngram
 
 # ---- the decisions (pure) -----------------------------------------------------------------------
 
@@ -103,14 +104,64 @@ def test_text_and_stop_strings_are_those_of_plain_decoding(engines, pangu_llm):
     assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
 
 
-def test_sampled_requests_decode_as_without_speculation(engines):
-    speculative, plain = engines
-    params = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=20, ignore_eos=True)
+def test_sampled_requests_are_speculated_and_reproducible_by_seed(engines):
+    speculative, _ = engines
+    # a low temperature (the tiny random model's logits are nearly flat): it repeats itself as
+    # greedy decoding does, so lookup finds proposals
+    params = SamplingParams(temperature=0.05, seed=5, max_tokens=20, ignore_eos=True)
     prompt = repeating(40, 6, 9)
     before = speculative.speculative_stats()["proposed"]
-    got = run_all(speculative, [prompt], params)[0].outputs[0].token_ids
-    assert got == run_all(plain, [prompt], params)[0].outputs[0].token_ids
-    assert speculative.speculative_stats()["proposed"] == before  # nothing proposed for it
+    first = run_all(speculative, [prompt], params)[0].outputs[0].token_ids
+    assert speculative.speculative_stats()["proposed"] > before
+    assert len(first) == 20 and run_all(speculative, [prompt], params)[0].outputs[0].token_ids == first
+
+
+# ---- speculative sampling keeps the distribution --------------------------------------------------
+
+
+def first_token_counts(logits, proposals, params, draws: int) -> torch.Tensor:
+    counts = torch.zeros(logits.shape[1])
+    for seed in range(draws):
+        tokens = accept_sampled(logits, proposals, params, torch.Generator().manual_seed(seed))
+        counts[tokens[0]] += 1
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("proposal", "filters"),
+    [
+        (1, {}),  # a likely proposal
+        (4, {}),  # an unlikely one
+        (4, {"top_k": 3}),  # one that top_k leaves out: always refused
+        (0, {"top_p": 0.7}),  # the best one, inside the nucleus
+    ],
+)
+def test_the_first_token_is_distributed_as_plain_sampling_draws_it(proposal, filters):
+    """On a 6-token vocabulary, 6000 draws of the first token a verified span yields match the
+    distribution sample_row draws from, within 4.5 binomial standard deviations per token."""
+    logits = torch.tensor([[2.0, 1.5, 0.5, 0.0, -0.5, -3.0], [0.3, 0.1, 0.0, 0.0, 0.0, 0.0]])
+    params = SamplingParams(temperature=0.9, **filters)
+    draws = 6000
+    counts = first_token_counts(logits, [proposal], params, draws)
+    want = target_probs(logits[0], params)
+    spread = 4.5 * torch.sqrt(draws * want * (1 - want)) + 1
+    assert torch.all((counts - draws * want).abs() <= spread), (counts / draws, want)
+    if filters.get("top_k") == 3:
+        assert counts[proposal] == 0
+
+
+def test_a_kept_proposal_is_followed_by_a_draw_from_the_next_row():
+    # the proposal is certain (one logit far above the rest): kept, and the second token is the
+    # next row's draw, with that row's distribution
+    logits = torch.tensor([[0.0, 40.0, 0.0], [1.0, 0.0, -1.0]])
+    params = SamplingParams(temperature=1.0)
+    seconds = torch.zeros(3)
+    for seed in range(3000):
+        tokens = accept_sampled(logits, [1], params, torch.Generator().manual_seed(seed))
+        assert tokens[0] == 1 and len(tokens) == 2
+        seconds[tokens[1]] += 1
+    want = target_probs(logits[1], params)
+    assert torch.all((seconds / 3000 - want).abs() < 0.04), (seconds / 3000, want)
 
 
 def test_with_the_prefix_cache_and_a_small_step_budget(make_engine):

@@ -49,8 +49,8 @@ class EngineConfig(BaseModel):
     # time to hide, and bench/overlap.py reads below 1 there (docs/benchmarks.md).
     speculative: SpeculativeConfig | None = Field(
         None,
-        description="speculative decoding of greedy requests (off by default); sampled requests decode "
-        "one token a step",
+        description="speculative decoding (off by default): greedy output stays token for token, "
+        "sampled output keeps its distribution",
     )
     micro_batches: Literal[1, 2] = Field(
         1,

@@ -23,7 +23,7 @@ from expertmesh.engine.sampler import greedy_tokens, sample
 from expertmesh.engine.sampling_params import SamplingParams
 from expertmesh.engine.scheduler import Scheduler, StepPlan
 from expertmesh.engine.sequence import CompletionOutput, RequestOutput, Sequence
-from expertmesh.engine.speculative import accept_greedy, propose_ngram
+from expertmesh.engine.speculative import accept_greedy, accept_sampled, propose_ngram
 from expertmesh.errors import (
     BackendUnavailableError,
     InvalidRequestError,
@@ -313,7 +313,16 @@ class LLMEngine:
             if result.verified:
                 now = time.monotonic()
                 for seq, proposals, logits in result.verified:
-                    self._keep_verified(seq, proposals, greedy_tokens(logits).tolist(), now)
+                    try:
+                        if seq.params.greedy:
+                            tokens = accept_greedy(proposals, greedy_tokens(logits).tolist())
+                        else:
+                            tokens = accept_sampled(logits, proposals, seq.params, seq.generator)
+                    except (RuntimeError, ValueError) as exc:  # as sample(): this request's alone
+                        log.error("sampling failed for request %s", seq.request_id, exc_info=exc)
+                        self._fail(seq, f"sampling failed for this request: {exc}")
+                    else:
+                        self._keep_verified(seq, tokens, now)
                     outputs.append(self._report(seq))
             self.last_step = StepStats(
                 len(plan.decodes),
@@ -341,7 +350,7 @@ class LLMEngine:
                 self.max_model_len - seq.num_tokens - 1,
             )
             proposals = []
-            if seq.params.greedy and room > 0:
+            if room > 0:
                 history = seq.prompt_token_ids + seq.output_token_ids
                 proposals = propose_ngram(history, room, spec.ngram_max, spec.ngram_min)
             if proposals:
@@ -352,9 +361,9 @@ class LLMEngine:
                 plain.append(seq)
         plan.decodes = plain
 
-    def _keep_verified(self, seq: Sequence, proposals: list[int], picks: list[int], now: float) -> None:
-        """Append what a verified span yields; the cache keeps the K/V of the tokens kept."""
-        tokens = accept_greedy(proposals, picks)
+    def _keep_verified(self, seq: Sequence, tokens: list[int], now: float) -> None:
+        """Append what a verified span yields (the proposals kept, then one more); the cache
+        keeps the K/V of the tokens kept."""
         self.spec_accepted_tokens += len(tokens) - 1
         start = seq.num_computed_tokens
         seq.num_computed_tokens = start + 1  # the last token's K/V, whatever is kept

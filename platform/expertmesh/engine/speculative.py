@@ -8,11 +8,18 @@ Verification runs the sequence's last token and the proposals through the model 
 span over the cache, as a prefill chunk). For a greedy request a proposal is kept while it is
 the token the model picks at its position; the model's own pick after the last kept one comes
 free, so each verified step yields 1 to k + 1 tokens, exactly the tokens plain decoding gives.
+For a sampled request each proposal is kept with the model's probability for it (rejection
+sampling), so the output has exactly plain sampling's distribution, though not its draws.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import torch
+
+from expertmesh.engine.sampler import sample_row, target_probs
+from expertmesh.engine.sampling_params import SamplingParams
 
 
 def propose_ngram(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:
@@ -51,3 +58,24 @@ def accept_greedy(proposals: Sequence[int], picks: Sequence[int]) -> list[int]:
     while kept < len(proposals) and proposals[kept] == picks[kept]:
         kept += 1
     return [*proposals[:kept], picks[kept]]
+
+
+def accept_sampled(
+    logits: torch.Tensor, proposals: Sequence[int], params: SamplingParams, generator: torch.Generator | None
+) -> list[int]:
+    """The tokens a verified span yields for a sampled request, drawn so that each is distributed
+    exactly as plain sampling would draw it (speculative sampling with a proposal that is one
+    token for sure): proposal d is kept with probability p(d), the model's probability for it
+    after temperature, top_k and top_p; at the first refusal the token is drawn from p with d
+    removed; with every proposal kept, one more is drawn from the last row. `logits` has a row
+    after the last token and after each proposal."""
+    tokens = []
+    for row, proposal in enumerate(proposals):
+        probs = target_probs(logits[row], params)
+        if float(torch.rand(1, generator=generator)) < float(probs[proposal]):
+            tokens.append(proposal)
+            continue
+        probs[proposal] = 0.0  # p(d) < 1 here, so something is left to draw
+        tokens.append(int(torch.multinomial(probs / probs.sum(), 1, generator=generator)))
+        return tokens
+    return [*tokens, sample_row(logits[len(proposals)], params, generator)]
