@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from expertmesh.errors import ExpertMeshError
 
 DEFAULT_DEMO_ARCH, DEFAULT_DEMO_SIZE = "pangu_pro_moe", "small"
@@ -82,21 +84,18 @@ def _serve(args: argparse.Namespace) -> None:
         config = ServeConfig.from_yaml(args.config)
         if not config.models:  # an empty platform is for the operator's RayService, not one machine
             raise ExpertMeshError(f"{args.config}: no models to serve; list at least one under 'models:'")
-        updates = {"http_port": args.http_port} if args.http_port else {}
-        if args.api_key:
-            updates["api_key"] = args.api_key
-        config = config.model_copy(update=updates)
     elif args.model:
         if not (args.model / "config.json").is_file():
             raise ExpertMeshError(
                 f"{args.model}: no checkpoint there (make one with `expertmesh make-checkpoint`)"
             )
-        config = single_model_config(
-            args.model, args.name, args.expert_parallel, args.dtype, args.api_key, args.http_port or 8000
-        )
+        config = single_model_config(args.model, args.name, args.expert_parallel, args.dtype)
     else:
         raise ExpertMeshError("give --config FILE or --model PATH")
-    serve_forever(config, args.host)
+    flags = {"http_port": args.http_port, "grpc_port": args.grpc_port, "api_key": args.api_key}
+    # validated as a config file is (model_copy would take a 3-character key unchecked)
+    config = ServeConfig.model_validate(config.model_dump() | {k: v for k, v in flags.items() if v})
+    serve_forever(config, args.host, args.metrics_port)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -163,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     srv.add_argument("--http-port", type=int, default=None, help="default 8000, or the config's")
+    srv.add_argument("--grpc-port", type=int, default=None, help="default 9000, or the config's")
+    srv.add_argument(
+        "--metrics-port", type=int, default=8080, help="Ray's metrics export port, which Prometheus scrapes"
+    )
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument(
         "--api-key", default=os.environ.get("EXPERTMESH_API_KEY"), help="require this bearer key"
@@ -209,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except ValidationError as exc:  # settings from the flags or a config file: one line per field
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or exc.title
+            print(f"error: {where}: {error['msg']}", file=sys.stderr)
+        return 2
     except (ExpertMeshError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -149,7 +149,7 @@ def server(pangu_tiny, free_port, tmp_path_factory):
     # Short, under /tmp: Ray puts Unix sockets in <RAY_TMPDIR>/ray/session_<date>_<pid>/sockets/,
     # and a socket path longer than 107 bytes cannot be bound.
     ray_tmpdir = Path(tempfile.mkdtemp(prefix="em-cli-", dir="/tmp"))
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     with (logs / "stdout.log").open("w") as out, (logs / "stderr.log").open("w") as err:
         proc = subprocess.Popen(
             [
@@ -163,6 +163,11 @@ def server(pangu_tiny, free_port, tmp_path_factory):
                 API_KEY,
                 "--http-port",
                 str(port),
+                # free ports, not 9000 and 8080: nothing else on this machine is disturbed
+                "--grpc-port",
+                str(free_port()),
+                "--metrics-port",
+                str(metrics_port),
                 "--host",
                 "127.0.0.1",
             ],
@@ -209,6 +214,7 @@ def test_serve_starts_its_own_ray_and_prints_how_to_call_it(running_server):
     stdout = running_server.stdout()
     assert f"expertmesh is serving {SERVED_NAME}" in stdout, running_server.logs()
     assert f"OpenAI HTTP   {running_server.url}/v1" in stdout, running_server.logs()
+    assert re.search(r"metrics +http://127\.0\.0\.1:\d+/metrics", stdout) and ":8080/" not in stdout
     # with a key set, the curl examples send it
     assert 'Authorization: Bearer $EXPERTMESH_API_KEY"' in stdout, running_server.logs()
     # a new local Ray under this server's RAY_TMPDIR, not a connection to a running cluster
@@ -339,3 +345,14 @@ def test_ctrl_c_stops_serve_and_the_ray_it_started(running_server):
         socket.create_connection(("127.0.0.1", running_server.port), 5),
     ):
         pass
+
+
+@pytest.mark.parametrize("source", ["--model", "--config"])
+def test_a_short_api_key_is_refused_naming_the_field(source, pangu_tiny, tmp_path, capsys):
+    from expertmesh import cli
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"models:\n  - name: tiny\n    revisions:\n      - source: {pangu_tiny}\n")
+    path = pangu_tiny if source == "--model" else config
+    assert cli.main(["serve", source, str(path), "--api-key", "short"]) == 2
+    assert capsys.readouterr().err.strip() == "error: api_key: String should have at least 8 characters"

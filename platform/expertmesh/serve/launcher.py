@@ -10,13 +10,11 @@ from pathlib import Path
 
 from expertmesh.config import MAX_THREADS, ExpertParallelSpec, ModelSpec, RevisionSpec, ServeConfig
 
-METRICS_PORT = 8080
+METRICS_PORT = 8080  # deployments/prometheus/prometheus.yml scrapes it
 
 
-def single_model_config(
-    model: Path, name: str | None, expert_parallel: int, dtype: str, api_key: str | None, http_port: int
-) -> ServeConfig:
-    """The config `--model PATH [--expert-parallel N]` stands for."""
+def single_model_config(model: Path, name: str | None, expert_parallel: int, dtype: str) -> ServeConfig:
+    """The config `--model PATH [--expert-parallel N]` stands for (ports and key: the flags')."""
     revision = RevisionSpec(
         source=str(model.resolve()),
         dtype=dtype,
@@ -24,11 +22,7 @@ def single_model_config(
             enabled=expert_parallel > 0, replicas_per_group=max(1, expert_parallel)
         ),
     )
-    return ServeConfig(
-        models=[ModelSpec(name=name or model.name.lower(), revisions=[revision])],
-        api_key=api_key,
-        http_port=http_port,
-    )
+    return ServeConfig(models=[ModelSpec(name=name or model.name.lower(), revisions=[revision])])
 
 
 def computing_replicas(config: ServeConfig, groups_of: Callable[[RevisionSpec], int]) -> int:
@@ -65,7 +59,7 @@ def share_cores(config: ServeConfig, cpus: int, groups_of: Callable[[RevisionSpe
     return config.model_copy(update={"models": models})
 
 
-def usage_text(config: ServeConfig, host: str) -> str:
+def usage_text(config: ServeConfig, host: str, metrics_port: int = METRICS_PORT) -> str:
     model = config.models[0].name
     base = f"http://{host}:{config.http_port}"
     auth = ' -H "Authorization: Bearer $EXPERTMESH_API_KEY"' if config.api_key else ""
@@ -75,7 +69,7 @@ expertmesh is serving {", ".join(m.name for m in config.models)}
   OpenAI HTTP   {base}/v1
   health        {base}/health
   gRPC          {host}:{config.grpc_port}   (KServe OIP v2 inference.GRPCInferenceService, expertmesh.v1.Generation; reflection on)
-  metrics       http://{host}:{METRICS_PORT}/metrics   (Prometheus: deployments/prometheus/prometheus.yml)
+  metrics       http://{host}:{metrics_port}/metrics   (Prometheus: deployments/prometheus/prometheus.yml)
 
 curl:
   curl -s {base}/v1/completions -H 'Content-Type: application/json'{auth} \\
@@ -101,7 +95,7 @@ Ctrl-C stops it.
 """
 
 
-def serve_forever(config: ServeConfig, host: str = "127.0.0.1") -> None:
+def serve_forever(config: ServeConfig, host: str = "127.0.0.1", metrics_port: int = METRICS_PORT) -> None:
     import ray
     from ray import serve
 
@@ -124,14 +118,14 @@ def serve_forever(config: ServeConfig, host: str = "127.0.0.1") -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     # a Ray of its own ("local": never one that RAY_ADDRESS names, whose Serve the exit would
     # shut down), with a fixed metrics port, so deployments/prometheus/prometheus.yml can scrape it
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     try:
         serve.start(
             http_options={"host": host, "port": config.http_port}, grpc_options=grpc_options(config.grpc_port)
         )
         print(f"deploying {len(config.models)} model(s); the first start loads the weights...", flush=True)
         deploy(config)
-        print(usage_text(config, host), flush=True)
+        print(usage_text(config, host, metrics_port), flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
