@@ -128,13 +128,15 @@ def _check_api_key(request: Request) -> None:
 def _client(request: Request) -> EngineClient:
     client = request.app.state.engine_client
     if client is None:
-        raise OpenAIError(
-            503,
-            "no engine is attached to this server yet",
-            type="service_unavailable_error",
-            headers={"Retry-After": str(RETRY_AFTER_S[503])},
-        )
+        raise _unavailable("no engine is attached to this server yet")
     return client
+
+
+def _unavailable(message: str) -> OpenAIError:
+    """503: retrying after a while is safe (a replica restarts, an engine attaches)."""
+    return OpenAIError(
+        503, message, type="service_unavailable_error", headers={"Retry-After": str(RETRY_AFTER_S[503])}
+    )
 
 
 def _model_info(client: EngineClient, model: str) -> ModelInfo:
@@ -487,12 +489,7 @@ def _as_openai_error(exc: BaseException, prompt_param: str | None) -> OpenAIErro
     if error.kind == "invalid":
         return bad_request(error.message, prompt_param)
     if error.kind == "unavailable":
-        return OpenAIError(
-            503,
-            error.message,
-            type="service_unavailable_error",
-            headers={"Retry-After": str(RETRY_AFTER_S[503])},
-        )
+        return _unavailable(error.message)
     return OpenAIError(500, error.message, type="internal_error")
 
 

@@ -47,7 +47,6 @@ class StepStats:
     prefill_tokens: int = 0
     seconds: float = 0.0
     decode_context_tokens: int = 0  # cached positions the decoding sequences attended over, summed
-    verify_seqs: int = 0  # decoding sequences that verified proposed tokens instead
 
 
 def context_length(config: EngineConfig, model: ModelConfig) -> int:
@@ -305,8 +304,7 @@ class LLMEngine:
                 now = time.monotonic()
                 for seq, token in zip(result.sampled, tokens, strict=True):
                     if isinstance(token, Exception):
-                        log.error("sampling failed for request %s", seq.request_id, exc_info=token)
-                        self._fail(seq, f"sampling failed for this request: {token}")
+                        self._fail_sampling(seq, token)
                     else:
                         self._append(seq, token, now)
                     outputs.append(self._report(seq))
@@ -319,8 +317,7 @@ class LLMEngine:
                         else:
                             tokens = accept_sampled(logits, proposals, seq.params, seq.generator)
                     except (RuntimeError, ValueError) as exc:  # as sample(): this request's alone
-                        log.error("sampling failed for request %s", seq.request_id, exc_info=exc)
-                        self._fail(seq, f"sampling failed for this request: {exc}")
+                        self._fail_sampling(seq, exc)
                     else:
                         self._keep_verified(seq, tokens, now)
                     outputs.append(self._report(seq))
@@ -329,13 +326,12 @@ class LLMEngine:
                 plan.prefill_tokens,
                 time.perf_counter() - started,
                 decode_context,
-                len(plan.verifies),
             )
             return outputs
 
     def _propose(self, plan: StepPlan) -> None:
-        """Move the greedy decodes that n-gram lookup finds proposals for into `plan.verifies`,
-        within the step's token budget and each request's reserved cache blocks."""
+        """Move the decodes that n-gram lookup finds proposals for into `plan.verifies`, within
+        the step's token budget and each request's reserved cache blocks."""
         spec = self.config.speculative
         assert spec is not None
         budget = self.config.max_num_batched_tokens - plan.num_tokens
@@ -395,6 +391,10 @@ class LLMEngine:
         """End one request with an error (its cache freed); the engine goes on."""
         seq.error = why
         self.scheduler.finish(seq, "error")
+
+    def _fail_sampling(self, seq: Sequence, exc: Exception) -> None:
+        log.error("sampling failed for request %s", seq.request_id, exc_info=exc)
+        self._fail(seq, f"sampling failed for this request: {exc}")
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         seq.output_token_ids.append(token)

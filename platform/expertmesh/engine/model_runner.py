@@ -144,10 +144,14 @@ class ModelRunner:
             seq.num_computed_tokens += n
         for seq in plan.decodes:
             seq.num_computed_tokens += 1
-        logits = self.model.logits(hidden[rows]) if rows else hidden.new_zeros(0, 0)
+        # one pass over the LM head for every row sampled or verified: it reads the whole vocab matrix
+        all_rows = rows + [r for span in verify_rows for r in span]
+        if not all_rows:
+            return StepResult(sampled, hidden.new_zeros(0, 0))
+        logits = self.model.logits(hidden[all_rows])
         # a verifying sequence's computed count moves by what the engine keeps of its proposals
-        verified = [
-            (seq, proposals, self.model.logits(hidden[list(span)]))
-            for (seq, proposals), span in zip(plan.verifies, verify_rows, strict=True)
-        ]
-        return StepResult(sampled, logits, verified)
+        verified, start = [], len(rows)
+        for (seq, proposals), span in zip(plan.verifies, verify_rows, strict=True):
+            verified.append((seq, proposals, logits[start : start + len(span)]))
+            start += len(span)
+        return StepResult(sampled, logits[: len(rows)], verified)

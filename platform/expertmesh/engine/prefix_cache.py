@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 BlockHash = bytes
 _DIGEST_BYTES = 16  # 128 bits: a collision, which would serve another prompt's K/V, is out of reach
@@ -24,15 +24,19 @@ def root_hash(salt: str) -> BlockHash:
     return hashlib.blake2b(salt.encode(), digest_size=_DIGEST_BYTES).digest()
 
 
-def chain_hashes(parent: BlockHash, token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
-    """The address of each full block of `token_ids` (a partial last block has none), chained on
-    from `parent`, the address of the block before them (pure)."""
+def chain(parent: BlockHash, blocks: Iterable[bytes]) -> list[BlockHash]:
+    """Each block's address, chained on from `parent`, the address of the block before them (pure)."""
     hashes = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        tokens = array("q", token_ids[start : start + block_size]).tobytes()
-        parent = hashlib.blake2b(parent + tokens, digest_size=_DIGEST_BYTES).digest()
+    for block in blocks:
+        parent = hashlib.blake2b(parent + block, digest_size=_DIGEST_BYTES).digest()
         hashes.append(parent)
     return hashes
+
+
+def chain_hashes(parent: BlockHash, token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
+    """The address of each full block of `token_ids` (a partial last block has none)."""
+    full = range(0, len(token_ids) - block_size + 1, block_size)
+    return chain(parent, (array("q", token_ids[start : start + block_size]).tobytes() for start in full))
 
 
 def reusable_blocks(num_prompt_tokens: int, block_size: int) -> int:
@@ -86,9 +90,6 @@ class PrefixCache:
     def unpark(self, block: int) -> None:
         """An idle block a new request shares: in use again."""
         del self._idle[block]
-
-    def is_idle(self, block: int) -> bool:
-        return block in self._idle
 
     def evict_oldest(self) -> int:
         """Forget the idle block unused longest; it is free for any content."""

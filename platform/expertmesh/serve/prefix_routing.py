@@ -17,7 +17,6 @@ The decision is a pure function (`choose_by_prefix`); the router class only gath
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from expertmesh.engine.prefix_cache import BlockHash, chain_hashes, root_hash
+from expertmesh.engine.prefix_cache import BlockHash, chain, chain_hashes, root_hash
 
 # Prompt blocks the router addresses: the engine's block of token ids, or for text (the router
 # does not tokenize) a run of characters of about as many tokens.
@@ -37,12 +36,8 @@ _ROOT = root_hash("expertmesh prompt blocks")
 def prompt_blocks(prompt: str | Sequence[int]) -> list[BlockHash]:
     """Chained addresses of a prompt's full blocks (pure): equal prompt starts, equal addresses."""
     if isinstance(prompt, str):
-        addresses, parent = [], _ROOT
-        for start in range(0, len(prompt) - TEXT_BLOCK_CHARS + 1, TEXT_BLOCK_CHARS):
-            chunk = prompt[start : start + TEXT_BLOCK_CHARS].encode()
-            parent = hashlib.blake2b(parent + chunk, digest_size=16).digest()
-            addresses.append(parent)
-        return addresses
+        full = range(0, len(prompt) - TEXT_BLOCK_CHARS + 1, TEXT_BLOCK_CHARS)
+        return chain(_ROOT, (prompt[start : start + TEXT_BLOCK_CHARS].encode() for start in full))
     return chain_hashes(_ROOT, list(prompt), TOKEN_BLOCK)
 
 
